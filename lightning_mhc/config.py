@@ -1,0 +1,104 @@
+"""MHCConfig: every knob of the injection in one validated dataclass.
+
+Plain types only, so omegaconf, LightningCLI and checkpoints can carry it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+MODES = ("mhc", "hc", "residual")
+READOUTS = ("mean", "sum", "learned")
+GRANULARITIES = ("auto", "sublayer", "block")
+KERNELS = ("auto", "triton", "torch")
+
+
+def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"MHCConfig.{field}={value!r} is not allowed; pass one of {', '.join(map(repr, allowed))}.")
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"MHCConfig.{field}={value!r} is not allowed; pass an integer >= {minimum}.")
+
+
+def _check_float(field: str, value: Any, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"MHCConfig.{field}={value!r} is not allowed; pass a finite number >= {minimum}.")
+
+
+@dataclass(frozen=True)
+class MHCConfig:
+    """How mHC is injected into a model.
+
+    Args:
+        streams: width ``n`` of the residual stream (1 is the plain residual).
+        mode: ``"mhc"`` (doubly stochastic ``H_res``), ``"hc"`` (unconstrained Hyper-Connections) or
+            ``"residual"`` (the plain residual, one stream, for comparison runs).
+        blocks: dotted path to the ``nn.ModuleList``/``nn.Sequential`` of residual blocks; ``None`` finds it.
+        sinkhorn_iters: Sinkhorn-Knopp iterations ``t_max``.
+        gate_init: initial value of the three gating scalars ``alpha``; 0 makes the injected model compute
+            exactly the original one.
+        res_init: initial logit on the diagonal of ``H_res`` (0 starts at ``J/n``; larger starts nearer ``I``).
+        readout: how the last block reduces the streams: ``"mean"``, ``"sum"`` or ``"learned"``.
+        granularity: ``"sublayer"`` (one hyper-connection per residual branch), ``"block"`` (the whole block is
+            one branch) or ``"auto"`` (sublayer where the branches can be found, else block).
+        kernels: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+        recompute: recompute the mHC intermediates in backward instead of storing them.
+        recompute_layers: sublayers per recomputation block ``L_r``; ``None`` uses ``sqrt(n L / (n + 2))``.
+        log_every_n_steps: how often the callback captures ``H_res`` and logs stability metrics.
+    """
+
+    streams: int = 4
+    mode: str = "mhc"
+    blocks: Optional[str] = None
+    sinkhorn_iters: int = 20
+    gate_init: float = 0.01
+    res_init: float = 0.0
+    readout: str = "mean"
+    granularity: str = "auto"
+    kernels: str = "auto"
+    recompute: bool = False
+    recompute_layers: Optional[int] = None
+    log_every_n_steps: int = 50
+
+    def __post_init__(self) -> None:
+        _check_int("streams", self.streams, 1)
+        _check_choice("mode", self.mode, MODES)
+        if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks.strip(".")):
+            raise ValueError(
+                f"MHCConfig.blocks={self.blocks!r} is not allowed; pass a dotted path such as 'model.layers', "
+                "or None to find the block stack automatically."
+            )
+        _check_int("sinkhorn_iters", self.sinkhorn_iters, 1)
+        _check_float("gate_init", self.gate_init, 0.0)
+        _check_float("res_init", self.res_init, -math.inf)
+        _check_choice("readout", self.readout, READOUTS)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("kernels", self.kernels, KERNELS)
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"MHCConfig.recompute={self.recompute!r} is not allowed; pass True or False.")
+        if self.recompute_layers is not None:
+            _check_int("recompute_layers", self.recompute_layers, 1)
+        _check_int("log_every_n_steps", self.log_every_n_steps, 1)
+
+    @property
+    def stream_count(self) -> int:
+        """Streams actually carried: the plain residual carries one whatever ``streams`` says."""
+        return 1 if self.mode == "residual" else self.streams
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MHCConfig":
+        """Build from a stored dict, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown MHCConfig field(s) {unknown}; known fields are {sorted(known)}.")
+        return cls(**values)

@@ -1,0 +1,80 @@
+"""HyperConnection: the n-stream residual around one residual branch F.
+
+``x_{l+1} = H_res · x_l + H_post^T · F(H_pre · x_l)`` with ``x_l`` of shape ``(..., n, C)``. The module owns the
+learned maps (``phi``/``theta``, ``alpha``, ``b``) and exposes the two halves separately (``read`` gives F's
+input, ``write`` merges F's output) because injected blocks run F inside their own ``forward``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lightning_mhc.config import MHCConfig
+from lightning_mhc.kernels import reference
+from lightning_mhc.kernels.reference import Coefficients
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class HyperConnection(nn.Module):
+    """Learned pre/post/res maps for one residual branch of width ``dim``.
+
+    Initialised to preserve the wrapped function: ``H_pre = 1/n``, ``H_post = 1`` and a (doubly) stochastic
+    ``H_res``, so identical streams stay identical and the mean readout equals the plain residual when
+    ``gate_init = 0``. ``phi`` starts small and random so the streams' symmetry can break.
+    With one stream (or ``mode="residual"``) it is exactly the plain residual and has no parameters.
+    """
+
+    def __init__(self, dim: int, config: MHCConfig) -> None:
+        super().__init__()
+        n = config.stream_count
+        self.dim = dim
+        self.streams = n
+        self.mode = config.mode if n > 1 else "residual"
+        self.sinkhorn_iters = config.sinkhorn_iters
+        if self.mode == "residual":
+            return
+        self.alpha = nn.Parameter(torch.full((3,), float(config.gate_init)))
+        eye = torch.eye(n)
+        if self.mode == "mhc":
+            self.phi = nn.Parameter(torch.randn(n * dim, n * n + 2 * n) / math.sqrt(n * dim))
+            bias = [torch.full((n,), _logit(1.0 / n)), torch.zeros(n), config.res_init * eye.flatten()]
+        else:
+            self.theta = nn.Parameter(torch.randn(dim, n + 2) / math.sqrt(dim))
+            bias = [torch.full((n,), 1.0 / n), torch.ones(n), eye.flatten()]
+        self.bias = nn.Parameter(torch.cat(bias))
+
+    def coefficients(self, x: Tensor) -> Coefficients:
+        """fp32 ``H_pre``, ``H_post``, ``H_res`` for streams ``x`` of shape ``(..., n, C)``, autocast off."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.mode == "mhc":
+                logits = reference.mhc_logits(x, self.phi, self.alpha, self.bias)
+            else:
+                logits = reference.hc_logits(x, self.theta, self.alpha, self.bias)
+            return reference.coefficients_from_logits(logits, self.streams, self.mode, self.sinkhorn_iters)
+
+    def read(self, x: Tensor) -> tuple[Tensor, Coefficients | None]:
+        """Branch input ``H_pre · x`` and the coefficients ``write`` needs."""
+        if self.mode == "residual":
+            return x.squeeze(-2), None
+        coeffs = self.coefficients(x)
+        return reference.pre_mix(x, coeffs.h_pre), coeffs
+
+    def write(self, x: Tensor, branch_out: Tensor, coeffs: Coefficients | None) -> Tensor:
+        """New streams ``H_res · x + H_post^T · F``."""
+        if self.mode == "residual":
+            return x + branch_out.unsqueeze(-2)
+        return reference.merge(x, branch_out, coeffs.h_res, coeffs.h_post)
+
+    def forward(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
+        h, coeffs = self.read(x)
+        return self.write(x, branch(h), coeffs)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, streams={self.streams}, mode={self.mode!r}"

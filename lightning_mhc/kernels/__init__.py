@@ -1,0 +1,1 @@
+"""mHC compute steps: the torch reference (ground truth) and, later, fused kernels behind one dispatch."""

@@ -1,0 +1,141 @@
+"""The torch reference of every mHC step: the ground truth the Triton kernels are tested against.
+
+Stream tensors have shape ``(..., n, C)``; coefficients are computed in fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+RMS_EPS = 1e-6
+SINKHORN_EPS = 1e-6
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """Upcast half types to fp32; leave fp32 and fp64 as they are (fp64 is for gradcheck)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class Coefficients(NamedTuple):
+    """Per-token maps of one hyper-connection: ``h_pre (..., n)``, ``h_post (..., n)``, ``h_res (..., n, n)``."""
+
+    h_pre: Tensor
+    h_post: Tensor
+    h_res: Tensor
+
+
+def mhc_logits(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor) -> Tensor:
+    """Eqs. 14-17: ``(1/r) * alpha * (vec(x) @ phi) + b`` with the RMS division applied after the matmul.
+
+    ``x``: ``(..., n, C)``; ``phi``: ``(n*C, n*n + 2n)``; ``alpha``: ``(3,)`` for pre/post/res; returns fp32
+    ``(..., n*n + 2n)`` laid out as ``[pre (n) | post (n) | res (n*n)]``.
+    """
+    n = x.shape[-2]
+    v = at_least_fp32(x.flatten(-2))
+    rms = torch.sqrt(v.square().mean(-1, keepdim=True) + RMS_EPS)
+    m = v @ phi.to(v.dtype)
+    gains = torch.repeat_interleave(alpha.to(v.dtype), torch.tensor([n, n, n * n], device=alpha.device))
+    return m / rms * gains + bias.to(v.dtype)
+
+
+def hc_logits(x: Tensor, theta: Tensor, alpha: Tensor, bias: Tensor) -> Tensor:
+    """HC paper's dynamic maps (mHC Eq. 5): ``alpha * tanh(RMSNorm(x_i) @ theta) + b`` per stream ``i``.
+
+    ``theta``: ``(C, n + 2)`` (columns: pre, post, res row); returns fp32 logits in the mHC layout.
+    """
+    n = x.shape[-2]
+    xf = at_least_fp32(x)
+    normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + RMS_EPS)
+    t = torch.tanh(normed @ theta.to(xf.dtype))  # (..., n, n + 2)
+    a = alpha.to(xf.dtype)
+    dynamic = torch.cat([a[0] * t[..., 0], a[1] * t[..., 1], a[2] * t[..., 2:].flatten(-2)], dim=-1)
+    return dynamic + bias.to(xf.dtype)
+
+
+def split_logits(logits: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Split ``[pre | post | res]`` logits into ``(..., n)``, ``(..., n)``, ``(..., n, n)``."""
+    pre, post, res = logits.split([n, n, n * n], dim=-1)
+    return pre, post, res.unflatten(-1, (n, n))
+
+
+def sinkhorn_unrolled(logits: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp on ``(..., n, n)`` logits in fp32: ``exp(L - max) + eps``, then ``iters`` times
+    normalise columns, then rows (rows last, so row sums are exact). Differentiable by plain autograd."""
+    m = _sinkhorn_start(logits)
+    for _ in range(iters):
+        m = m / m.sum(-2, keepdim=True)
+        m = m / m.sum(-1, keepdim=True)
+    return m
+
+
+def _sinkhorn_start(logits: Tensor) -> Tensor:
+    # eps keeps every entry positive, so logits of +-1e4 (all but one entry underflowing) stay finite.
+    lf = at_least_fp32(logits)
+    shift = lf.detach().amax(dim=(-2, -1), keepdim=True)
+    return torch.exp(lf - shift) + SINKHORN_EPS
+
+
+def _normalise_backward(grad_out: Tensor, out: Tensor, total: Tensor, dim: int) -> Tensor:
+    # y = x / sum(x, dim)  =>  dx = (dy - sum(dy * y, dim)) / sum(x, dim)
+    return (grad_out - (grad_out * out).sum(dim, keepdim=True)) / total
+
+
+class Sinkhorn(torch.autograd.Function):
+    """Sinkhorn-Knopp that saves only its input logits and recomputes the iterates in backward.
+
+    Saved memory per token is ``n*n`` (the logits), not ``iters * n*n``; the backward is analytic.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, iters: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits)
+        ctx.iters = iters
+        return sinkhorn_unrolled(logits, iters)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (logits,) = ctx.saved_tensors
+        start = _sinkhorn_start(logits)
+        m = start
+        trace = []
+        for _ in range(ctx.iters):
+            col_sum = m.sum(-2, keepdim=True)
+            after_cols = m / col_sum
+            row_sum = after_cols.sum(-1, keepdim=True)
+            m = after_cols / row_sum
+            trace.append((col_sum, after_cols, row_sum, m))
+        g = at_least_fp32(grad_out)
+        for col_sum, after_cols, row_sum, out in reversed(trace):
+            g = _normalise_backward(g, out, row_sum, -1)
+            g = _normalise_backward(g, after_cols, col_sum, -2)
+        grad_logits = g * (start - SINKHORN_EPS)
+        return grad_logits.to(logits.dtype), None
+
+
+def sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    """Doubly stochastic projection of ``(..., n, n)`` logits (fp32 result), recomputing backward."""
+    return Sinkhorn.apply(logits, iters)
+
+
+def coefficients_from_logits(logits: Tensor, n: int, mode: str, sinkhorn_iters: int) -> Coefficients:
+    """Map logits to ``H_pre = sigmoid``, ``H_post = 2 sigmoid`` and ``H_res`` (Sinkhorn for mHC, raw for HC)."""
+    pre, post, res = split_logits(logits, n)
+    if mode == "mhc":
+        return Coefficients(torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(res, sinkhorn_iters))
+    if mode == "hc":
+        return Coefficients(pre, post, res)
+    raise ValueError(f"mode={mode!r} has no coefficients; pass 'mhc' or 'hc'.")
+
+
+def pre_mix(x: Tensor, h_pre: Tensor) -> Tensor:
+    """Branch input ``H_pre · x``: ``(..., n, C)`` and ``(..., n)`` to ``(..., C)`` in ``x``'s dtype."""
+    return torch.einsum("...n,...nc->...c", h_pre.to(x.dtype), x)
+
+
+def merge(x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
+    """New stream state ``H_res · x + H_post^T · F``: ``(..., n, C)`` in the dtype of ``x``."""
+    mixed = torch.matmul(h_res.to(x.dtype), x)
+    return torch.addcmul(mixed, h_post.to(x.dtype).unsqueeze(-1), f.to(x.dtype).unsqueeze(-2))
