@@ -95,7 +95,7 @@ class MHCConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "MHCConfig":
+    def from_dict(cls, values: dict[str, Any]) -> MHCConfig:
         """Build from a stored dict, rejecting unknown keys with the list of known ones."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

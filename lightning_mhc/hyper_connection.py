@@ -8,7 +8,7 @@ input, ``write`` merges F's output) because injected blocks run F inside their o
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -46,7 +46,6 @@ def hc_logits(x: Tensor, theta: Tensor, alpha: Tensor, bias: Tensor) -> Tensor:
 
     ``theta``: ``(C, n + 2)`` (columns: pre, post, res row); returns fp32 logits in the mHC layout.
     """
-    n = x.shape[-2]
     xf = at_least_fp32(x)
     normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + RMS_EPS)
     t = torch.tanh(normed @ theta.to(xf.dtype))  # (..., n, n + 2)
