@@ -2,7 +2,8 @@
 
 from lightning_mhc.config import MHCConfig
 from lightning_mhc.hyper_connection import HyperConnection
+from lightning_mhc.inject import InjectionReport, apply_mhc
 from lightning_mhc.streams import StreamReadout, expand_streams
 
-__all__ = ["HyperConnection", "MHCConfig", "StreamReadout", "expand_streams"]
+__all__ = ["HyperConnection", "InjectionReport", "MHCConfig", "StreamReadout", "apply_mhc", "expand_streams"]
 __version__ = "0.1.0"

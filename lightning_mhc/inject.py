@@ -1,0 +1,309 @@
+"""apply_mhc: inject mHC into the residual block stack of any ``nn.Module``, in place, without Lightning.
+
+One probe forward (no gradients, eval mode) finds the block stack, the hidden width and how many residual
+branches each block has; parameters are created then, before any optimizer exists. A stored plan (from a
+checkpoint) replaces the probe when re-injecting.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_mhc.branches import ResidualWatcher, returns_last_sum
+from lightning_mhc.config import MHCConfig
+from lightning_mhc.mhc_block import MHCBlock, split_output, take_hidden
+
+ExampleInput = Union[Tensor, tuple, dict, Callable[[nn.Module], Any], None]
+
+
+@dataclass
+class BlockInjection:
+    """What was done to one block."""
+
+    index: int
+    name: str
+    block_type: str
+    granularity: str
+    branches: int
+    params_added: int
+
+
+@dataclass
+class InjectionReport:
+    """What ``apply_mhc`` did; ``plan()`` is what re-injection needs, ``str()`` a readable table."""
+
+    stack: str
+    dim: int
+    config: MHCConfig
+    blocks: list[BlockInjection] = field(default_factory=list)
+    params_before: int = 0
+
+    @property
+    def params_added(self) -> int:
+        return sum(b.params_added for b in self.blocks)
+
+    @property
+    def branches(self) -> int:
+        return sum(b.branches for b in self.blocks)
+
+    def plan(self) -> dict[str, Any]:
+        """Plain-data description of the injection, enough to redo it without a probe forward."""
+        return {
+            "stack": self.stack,
+            "dim": self.dim,
+            "blocks": [{"granularity": b.granularity, "branches": b.branches} for b in self.blocks],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "config": self.config.to_dict()}
+
+    def __str__(self) -> str:
+        c = self.config
+        lines = [
+            f"mHC injected into '{self.stack}': {len(self.blocks)} blocks, {self.branches} residual branches, "
+            f"width {self.dim}, mode={c.mode}, streams={c.stream_count}, readout={c.readout}",
+            f"{'block':>5}  {'type':<24} {'granularity':<11} {'branches':>8} {'params added':>13}",
+        ]
+        for b in self.blocks:
+            lines.append(
+                f"{b.index:>5}  {b.block_type[:24]:<24} {b.granularity:<11} {b.branches:>8} {b.params_added:>13,}"
+            )
+        share = 100.0 * self.params_added / max(self.params_before, 1)
+        lines.append(
+            f"{'total':>5}  {'':<24} {'':<11} {self.branches:>8} {self.params_added:>13,}"
+            f"  (+{share:.2f}% of {self.params_before:,})"
+        )
+        return "\n".join(lines)
+
+
+@dataclass
+class _Probe:
+    """First call of one candidate block during the probe forward."""
+
+    args: tuple
+    kwargs: dict
+    hidden: Tensor
+    out_hidden: Tensor | None = None
+
+
+def apply_mhc(
+    module: nn.Module,
+    config: MHCConfig | None = None,
+    example_input: ExampleInput = None,
+    plan: dict[str, Any] | None = None,
+) -> InjectionReport:
+    """Inject mHC into ``module``'s residual block stack, in place.
+
+    Args:
+        module: any ``nn.Module`` holding an ``nn.ModuleList``/``nn.Sequential`` of residual blocks.
+        config: the injection settings (defaults to ``MHCConfig()``).
+        example_input: what to run ``module`` on once to learn the stack, width and branches: a tensor
+            (``module(x)``), a tuple (``module(*x)``), a dict (``module(**x)``) or a callable ``f(module)``.
+            Defaults to ``module.example_input_array``.
+        plan: a stored ``InjectionReport.plan()``; re-injects exactly as before, without a probe.
+
+    Example::
+
+        report = apply_mhc(model, MHCConfig(streams=4), example_input=tokens[:1])
+        print(report)
+    """
+    config = config or MHCConfig()
+    if any(isinstance(m, MHCBlock) for m in module.modules()):
+        raise RuntimeError("mHC is already injected into this module; inject once (one MHCCallback per Trainer).")
+    params_before = sum(p.numel() for p in module.parameters())
+    if plan is not None:
+        stack_name, dim, layout = _stack_from_plan(module, plan)
+    else:
+        stack_name, dim, layout = _probe_layout(module, config, example_input)
+    stack = module.get_submodule(stack_name)
+    report = InjectionReport(stack=stack_name, dim=dim, config=config, params_before=params_before)
+    last = len(stack) - 1
+    for i, (granularity, branches) in enumerate(layout):
+        block = stack[i]
+        wrapped = MHCBlock(block, dim, branches, granularity, config, first=i == 0, last=i == last)
+        wrapped.to(device=_device_of(block))
+        stack[i] = wrapped
+        added = sum(p.numel() for p in wrapped.parameters()) - sum(p.numel() for p in block.parameters())
+        report.blocks.append(BlockInjection(i, f"{stack_name}.{i}", type(block).__name__, granularity, branches, added))
+    return report
+
+
+def _device_of(block: nn.Module) -> torch.device:
+    first = next(block.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _stack_from_plan(module: nn.Module, plan: dict[str, Any]) -> tuple[str, int, list[tuple[str, int]]]:
+    stack = _resolve_stack(module, plan["stack"])
+    layout = [(b["granularity"], b["branches"]) for b in plan["blocks"]]
+    if len(layout) != len(stack):
+        raise ValueError(
+            f"The stored mHC plan has {len(layout)} blocks but '{plan['stack']}' has {len(stack)}: the module was "
+            "built with a different depth than the checkpoint. Build it with the checkpoint's hyperparameters."
+        )
+    return plan["stack"], int(plan["dim"]), layout
+
+
+def candidate_stacks(module: nn.Module) -> list[str]:
+    """Dotted names of every ``nn.ModuleList``/``nn.Sequential`` with at least one child."""
+    return [name for name, m in module.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m)]
+
+
+def _resolve_stack(module: nn.Module, path: str) -> nn.Module:
+    try:
+        stack = module.get_submodule(path)
+    except AttributeError:
+        stack = None
+    if not isinstance(stack, (nn.ModuleList, nn.Sequential)):
+        found = ", ".join(repr(c) for c in candidate_stacks(module)) or "none"
+        what = "does not exist" if stack is None else f"is a {type(stack).__name__}"
+        raise ValueError(
+            f"blocks={path!r} {what}; pass the dotted path of an nn.ModuleList or nn.Sequential of residual "
+            f"blocks. Candidates in {type(module).__name__}: {found}."
+        )
+    return stack
+
+
+def _run_example(module: nn.Module, example_input: ExampleInput) -> None:
+    if example_input is None:
+        example_input = getattr(module, "example_input_array", None)
+    if example_input is None:
+        raise ValueError(
+            "apply_mhc runs the module once to find its blocks, width and residual branches: pass "
+            "example_input= (a tensor, a tuple of arguments, a dict of keyword arguments or a callable taking "
+            "the module), or set module.example_input_array."
+        )
+    if callable(example_input) and not isinstance(example_input, Tensor):
+        example_input(module)
+    elif isinstance(example_input, tuple):
+        module(*example_input)
+    elif isinstance(example_input, dict):
+        module(**example_input)
+    else:
+        module(example_input)
+
+
+def _probe_layout(
+    module: nn.Module, config: MHCConfig, example_input: ExampleInput
+) -> tuple[str, int, list[tuple[str, int]]]:
+    names = [config.blocks] if config.blocks else candidate_stacks(module)
+    stacks = {name: _resolve_stack(module, name) for name in names}
+    probes: dict[int, _Probe] = {}
+    handles = []
+    for stack in stacks.values():
+        for block in stack:
+            handles.append(block.register_forward_pre_hook(_record_call(probes), with_kwargs=True))
+            handles.append(block.register_forward_hook(_record_output(probes), with_kwargs=True))
+    training = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        with torch.no_grad():
+            _run_example(module, example_input)
+            if config.blocks:
+                stack_name = config.blocks
+                _check_stack(stack_name, stacks[stack_name], probes)
+            else:
+                stack_name = _choose_stack(module, stacks, probes)
+            stack = stacks[stack_name]
+            layout = [_split_plan(f"{stack_name}.{i}", b, probes[id(b)], config) for i, b in enumerate(stack)]
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in training.items():
+            m.training = mode
+    dim = probes[id(stack[0])].hidden.shape[-1]
+    return stack_name, dim, layout
+
+
+def _record_call(probes: dict[int, _Probe]) -> Callable:
+    def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
+        if id(block) not in probes:
+            try:
+                hidden, _ = take_hidden(args, kwargs)
+            except TypeError:
+                return
+            probes[id(block)] = _Probe(args, kwargs, hidden)
+
+    return hook
+
+
+def _record_output(probes: dict[int, _Probe]) -> Callable:
+    def hook(block: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        probe = probes.get(id(block))
+        if probe is not None and probe.out_hidden is None:
+            try:
+                probe.out_hidden, _ = split_output(out)
+            except TypeError:
+                return
+
+    return hook
+
+
+def _stack_problem(stack: nn.Module, probes: dict[int, _Probe]) -> str | None:
+    """Why ``stack`` is not a chain of shape-preserving blocks, or ``None`` if it is."""
+    previous_out = None
+    for i, block in enumerate(stack):
+        probe = probes.get(id(block))
+        if probe is None or probe.out_hidden is None:
+            return f"block {i} ({type(block).__name__}) did not run or returned no hidden state"
+        if probe.out_hidden.shape != probe.hidden.shape:
+            return (
+                f"block {i} ({type(block).__name__}) changes the hidden shape from {tuple(probe.hidden.shape)} to "
+                f"{tuple(probe.out_hidden.shape)}; mHC needs residual blocks whose output shape equals their input"
+            )
+        if previous_out is not None and probe.hidden is not previous_out:
+            return f"block {i} ({type(block).__name__}) is not called on the previous block's output"
+        previous_out = probe.out_hidden
+    return None
+
+
+def _check_stack(name: str, stack: nn.Module, probes: dict[int, _Probe]) -> None:
+    problem = _stack_problem(stack, probes)
+    if problem is not None:
+        raise ValueError(f"blocks={name!r}: {problem}.")
+
+
+def _choose_stack(module: nn.Module, stacks: dict[str, nn.Module], probes: dict[int, _Probe]) -> str:
+    """The longest list of same-typed, shape-preserving blocks, each run on the previous one's output."""
+    best, rejected = None, []
+    for name, stack in stacks.items():
+        if len(stack) < 2 or len({type(b) for b in stack}) != 1:
+            rejected.append(f"'{name}': not at least two blocks of one type")
+            continue
+        problem = _stack_problem(stack, probes)
+        if problem is not None:
+            rejected.append(f"'{name}': {problem}")
+        elif best is None or len(stack) > len(stacks[best]):
+            best = name
+    if best is None:
+        why = "; ".join(rejected) or "the module has no nn.ModuleList or nn.Sequential"
+        raise ValueError(
+            f"Could not find a stack of residual blocks in {type(module).__name__} ({why}). "
+            "Pass blocks='dotted.path.to.blocks' naming the nn.ModuleList of residual blocks."
+        )
+    return best
+
+
+def _split_plan(name: str, block: nn.Module, probe: _Probe, config: MHCConfig) -> tuple[str, int]:
+    """Granularity and branch count for one block, from running it again under a ``ResidualWatcher``."""
+    if config.granularity == "block":
+        return "block", 1
+    watcher = ResidualWatcher(probe.hidden)
+    with watcher:
+        out = block(*probe.args, **probe.kwargs)
+    out_hidden, _ = split_output(out)
+    if returns_last_sum(watcher, out_hidden):
+        return "sublayer", watcher.branches
+    warnings.warn(
+        f"mHC could not split {name} ({type(block).__name__}) into residual branches (found {watcher.branches} "
+        "additions to the residual, and the block must return its last one); wrapping the whole block as one "
+        "branch, F(h) = block(h) - h.",
+        stacklevel=3,
+    )
+    return "block", 1

@@ -1,0 +1,151 @@
+"""MHCBlock: one user block, run by its own ``forward``, with its residual branches routed through mHC.
+
+Between blocks the hidden state is the stream state ``(..., n, C)``; the first block of the stack expands its
+input into n streams and the last reduces them, so the code around the stack sees ordinary hidden states.
+State-dict keys of the wrapped block keep their original names (no ``block.`` prefix), so weights move between
+the plain and the injected model with ``strict=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_mhc.branches import ResidualWatcher, returns_last_sum
+from lightning_mhc.config import MHCConfig
+from lightning_mhc.hyper_connection import HyperConnection
+from lightning_mhc.kernels.reference import Coefficients
+from lightning_mhc.streams import StreamReadout, expand_streams
+
+WRAPPED = "block"
+OWN_PREFIXES = ("hyper.", "readout.")
+
+
+def take_hidden(args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple[tuple, dict]]]:
+    """The hidden state a block is called with (first positional, else first floating-point keyword tensor)
+    and a function that puts a replacement in its place."""
+    if args and isinstance(args[0], Tensor):
+        return args[0], lambda h: ((h, *args[1:]), kwargs)
+    for key, value in kwargs.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value, lambda h, key=key: (args, {**kwargs, key: h})
+    raise TypeError("mHC could not find the hidden state: pass it to the block as its first argument.")
+
+
+def split_output(out: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
+    """The hidden state in a block's output (a tensor, or the first item of a tuple or list) and a rebuilder."""
+    if isinstance(out, Tensor):
+        return out, lambda h: h
+    if isinstance(out, tuple) and hasattr(out, "_fields") and isinstance(out[0], Tensor):
+        return out[0], lambda h: out._replace(**{out._fields[0]: h})
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0], lambda h: type(out)([h, *out[1:]])
+    raise TypeError(
+        f"mHC needs a block to return its hidden state as a tensor or as the first item of a tuple; got "
+        f"{type(out).__name__}. Wrap the block so it does, or pass blocks= pointing at a stack that does."
+    )
+
+
+class _StreamRouting:
+    """Carries the stream state through one call of a split block: each residual sum becomes a merge."""
+
+    def __init__(self, hypers: nn.ModuleList, streams: Tensor, block_name: str) -> None:
+        self.hypers = hypers
+        self.streams = streams
+        self.block_name = block_name
+        self.index = 0
+        self.coeffs: Coefficients | None = None
+
+    def first_input(self) -> Tensor:
+        h, self.coeffs = self.hypers[0].read(self.streams)
+        return h
+
+    def end_branch(self, residual: Tensor, branch_out: Tensor) -> Tensor:
+        if self.index >= len(self.hypers):
+            raise RuntimeError(
+                f"{self.block_name} made more residual additions than the {len(self.hypers)} found when mHC was "
+                "injected; its control flow changed. Inject with granularity='block' for such blocks."
+            )
+        self.streams = self.hypers[self.index].write(self.streams, branch_out, self.coeffs)
+        self.index += 1
+        if self.index < len(self.hypers):
+            h, self.coeffs = self.hypers[self.index].read(self.streams)
+            return h
+        return branch_out
+
+
+class MHCBlock(nn.Module):
+    """A user block whose residual branches each get a :class:`HyperConnection`.
+
+    ``granularity="sublayer"``: the block's residual sums are found as it runs (see ``branches.py``);
+    ``"block"``: the whole block is one branch, ``F(h) = block(h) - h``.
+    """
+
+    def __init__(
+        self, block: nn.Module, dim: int, branches: int, granularity: str, config: MHCConfig, first: bool, last: bool
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.hyper = nn.ModuleList(HyperConnection(dim, config) for _ in range(branches))
+        self.granularity = granularity
+        self.streams = config.stream_count
+        self.first = first
+        self.last = last
+        self.readout = StreamReadout(self.streams, config.readout) if last else None
+        self.block_name = type(block).__name__
+        self.register_state_dict_post_hook(_drop_wrapped_prefix)
+        self.register_load_state_dict_pre_hook(_add_wrapped_prefix)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden, with_hidden = take_hidden(args, kwargs)
+        streams = expand_streams(hidden, self.streams) if self.first else hidden
+        if streams.dim() < 2 or streams.shape[-2] != self.streams:
+            raise RuntimeError(
+                f"{self.block_name} received a hidden state of shape {tuple(hidden.shape)} instead of the "
+                f"{self.streams}-stream state: the injected blocks must run in order, each on the previous output."
+            )
+        if self.granularity == "block":
+            streams, rebuild = self._forward_whole(streams, with_hidden)
+        else:
+            streams, rebuild = self._forward_split(streams, with_hidden)
+        return rebuild(self.readout(streams) if self.last else streams)
+
+    def _forward_whole(self, streams: Tensor, with_hidden: Callable) -> tuple[Tensor, Callable]:
+        hyper = self.hyper[0]
+        h, coeffs = hyper.read(streams)
+        args, kwargs = with_hidden(h)
+        out, rebuild = split_output(self.block(*args, **kwargs))
+        return hyper.write(streams, out - h, coeffs), rebuild
+
+    def _forward_split(self, streams: Tensor, with_hidden: Callable) -> tuple[Tensor, Callable]:
+        routing = _StreamRouting(self.hyper, streams, self.block_name)
+        h = routing.first_input()
+        args, kwargs = with_hidden(h)
+        watcher = ResidualWatcher(h, routing.end_branch)
+        with watcher:
+            out = self.block(*args, **kwargs)
+        out_hidden, rebuild = split_output(out)
+        if routing.index != len(self.hyper) or not returns_last_sum(watcher, out_hidden):
+            raise RuntimeError(
+                f"{self.block_name} made {routing.index} residual additions (expected {len(self.hyper)}) or did "
+                "not return its last residual sum; its control flow changed since injection. Inject with "
+                "granularity='block' for such blocks."
+            )
+        return routing.streams, rebuild
+
+    def extra_repr(self) -> str:
+        return f"granularity={self.granularity!r}, branches={len(self.hyper)}, first={self.first}, last={self.last}"
+
+
+def _drop_wrapped_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    inner = prefix + WRAPPED + "."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _add_wrapped_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    own = tuple(prefix + p for p in (*OWN_PREFIXES, WRAPPED + "."))
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(own)]:
+        state_dict[prefix + WRAPPED + "." + key[len(prefix) :]] = state_dict.pop(key)

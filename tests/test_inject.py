@@ -1,0 +1,183 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from block_styles import (
+    VOCAB,
+    LlamaLike,
+    NanoGPT,
+    TinyViT,
+    UnsplittableNet,
+    image_batch,
+    lm_batch,
+    param_formula,
+)
+from torch import nn
+
+from lightning_mhc import MHCConfig, apply_mhc
+from lightning_mhc.mhc_block import MHCBlock
+
+STYLES = {
+    "nanogpt": (NanoGPT, "transformer.h", lambda: lm_batch()),
+    "llama": (LlamaLike, "layers", lambda: lm_batch()),
+    "vit": (TinyViT, "blocks", lambda: image_batch()[0]),
+}
+
+
+def _model(style, seed=0):
+    torch.manual_seed(seed)
+    return STYLES[style][0]()
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_auto_finds_the_stack_and_splits_every_block(style):
+    model = _model(style)
+    _, stack, example = STYLES[style]
+    report = apply_mhc(model, MHCConfig(streams=4), example_input=example())
+    assert report.stack == stack
+    assert [(b.granularity, b.branches) for b in report.blocks] == [("sublayer", 2)] * 3
+    assert all(isinstance(b, MHCBlock) for b in model.get_submodule(stack))
+    assert "sublayer" in str(report) and stack in str(report)
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_parameter_count_matches_the_formula(style, mode):
+    model = _model(style)
+    before = sum(p.numel() for p in model.parameters())
+    report = apply_mhc(model, MHCConfig(streams=4, mode=mode, readout="learned"), example_input=STYLES[style][2]())
+    after = sum(p.numel() for p in model.parameters())
+    expected = param_formula(32, 4, branches=6, mode=mode, readout="learned")
+    assert after - before == report.params_added == expected
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+@pytest.mark.parametrize("streams", [1, 4])
+def test_gate_zero_injection_preserves_the_model(style, streams):
+    model = _model(style)
+    example = STYLES[style][2]()
+    reference = copy.deepcopy(model)
+    apply_mhc(model, MHCConfig(streams=streams, gate_init=0.0), example_input=example)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(example), reference(example), rtol=0, atol=1e-5)
+
+
+def _loss(style, model, seed):
+    if style == "vit":
+        images, labels = image_batch(seed)
+        return F.cross_entropy(model(images), labels)
+    tokens = lm_batch(seed)
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_loss_falls_when_training_the_injected_model(style):
+    model = _model(style)
+    apply_mhc(model, MHCConfig(streams=4), example_input=STYLES[style][2]())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = _loss(style, model, seed=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".hyper." in n)
+
+
+def test_llama_style_passes_extra_arguments_and_keeps_tuple_outputs():
+    model = _model("llama")
+    apply_mhc(model, MHCConfig(streams=2, gate_init=0.0), example_input=lm_batch())
+    layer = model.layers[0]
+    hidden = torch.randn(2, 16, 32)
+    mask = torch.full((16, 16), float("-inf")).triu(1)
+    out = layer(hidden, attention_mask=mask, position_embeddings=model.rotary(16), use_cache=False)
+    assert isinstance(out, tuple) and out[1] is None
+    assert out[0].shape == (2, 16, 2, 32)
+
+
+def test_unsplittable_block_is_wrapped_whole_with_a_warning_naming_it():
+    torch.manual_seed(0)
+    model = UnsplittableNet()
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"layers\.0 \(Unsplittable\)"):
+        report = apply_mhc(model, MHCConfig(streams=4, gate_init=0.0), example_input=lm_batch())
+    assert [b.granularity for b in report.blocks] == ["block"] * 3
+    x = lm_batch(1)
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-5)
+
+
+def test_block_granularity_is_one_branch_per_block():
+    model = _model("nanogpt")
+    report = apply_mhc(model, MHCConfig(granularity="block"), example_input=lm_batch())
+    assert [(b.granularity, b.branches) for b in report.blocks] == [("block", 1)] * 3
+
+
+def test_explicit_blocks_path_and_stored_plan_reinject_identically():
+    model = _model("nanogpt")
+    config = MHCConfig(streams=4, blocks="transformer.h")
+    report = apply_mhc(model, config, example_input=lm_batch())
+    replica = _model("nanogpt", seed=1)
+    apply_mhc(replica, config, plan=report.plan())
+    replica.load_state_dict(model.state_dict())
+    x = lm_batch(2)
+    torch.testing.assert_close(replica(x), model(x))
+
+
+def test_wrapped_blocks_keep_their_original_state_dict_names():
+    plain = _model("nanogpt")
+    model = copy.deepcopy(plain)
+    apply_mhc(model, MHCConfig(), example_input=lm_batch())
+    keys = set(model.state_dict())
+    assert set(plain.state_dict()) <= keys
+    assert all(".hyper." in k or ".readout." in k for k in keys - set(plain.state_dict()))
+    result = model.load_state_dict(plain.state_dict(), strict=False)
+    assert result.unexpected_keys == [] and all(".hyper." in k for k in result.missing_keys)
+
+
+def test_wrong_blocks_path_lists_the_candidates():
+    model = _model("nanogpt")
+    with pytest.raises(ValueError, match=r"blocks='transformer\.layers' does not exist.*'transformer\.h'"):
+        apply_mhc(model, MHCConfig(blocks="transformer.layers"), example_input=lm_batch())
+    with pytest.raises(ValueError, match=r"is a Linear.*'transformer\.h'"):
+        apply_mhc(model, MHCConfig(blocks="lm_head"), example_input=lm_batch())
+
+
+class ShapeChanger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_block_that_changes_the_hidden_shape_is_named():
+    with pytest.raises(ValueError, match=r"block 1 \(Linear\) changes the hidden shape from \(2, 8\) to \(2, 4\)"):
+        apply_mhc(ShapeChanger(), MHCConfig(blocks="layers"), example_input=torch.randn(2, 8))
+
+
+def test_no_example_input_says_what_to_pass():
+    with pytest.raises(ValueError, match="example_input="):
+        apply_mhc(_model("nanogpt"), MHCConfig())
+
+
+def test_injecting_twice_raises():
+    model = _model("nanogpt")
+    apply_mhc(model, MHCConfig(), example_input=lm_batch())
+    with pytest.raises(RuntimeError, match="already injected"):
+        apply_mhc(model, MHCConfig(), example_input=lm_batch())
+
+
+def test_probe_leaves_training_mode_and_gradients_alone():
+    model = _model("vit")
+    model.train()
+    apply_mhc(model, MHCConfig(), example_input=image_batch()[0])
+    assert all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
