@@ -21,6 +21,10 @@ from lightning_mhc.mhc_block import MHCBlock, split_output, take_hidden
 
 ExampleInput = Union[Tensor, tuple, dict, Callable[[nn.Module], Any], None]
 
+# First key of an injected module's state dict, so that loading it into the plain module fails with this advice
+# at the head of the list of unexpected keys; dropped again when loading into an injected module.
+MARKER_KEY = "mhc_injected__load_with__lightning_mhc.load_from_checkpoint"
+
 
 @dataclass
 class BlockInjection:
@@ -131,7 +135,19 @@ def apply_mhc(
         stack[i] = wrapped
         added = sum(p.numel() for p in wrapped.parameters()) - sum(p.numel() for p in block.parameters())
         report.blocks.append(BlockInjection(i, f"{stack_name}.{i}", type(block).__name__, granularity, branches, added))
+    module.register_state_dict_post_hook(_add_marker)
+    module.register_load_state_dict_pre_hook(_drop_marker)
     return report
+
+
+def _add_marker(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    state_dict[prefix + MARKER_KEY] = torch.ones(())
+    if hasattr(state_dict, "move_to_end"):
+        state_dict.move_to_end(prefix + MARKER_KEY, last=False)
+
+
+def _drop_marker(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    state_dict.pop(prefix + MARKER_KEY, None)
 
 
 def _device_of(block: nn.Module) -> torch.device:

@@ -16,6 +16,7 @@ from block_styles import (
 from torch import nn
 
 from lightning_mhc import MHCConfig, apply_mhc
+from lightning_mhc.inject import MARKER_KEY
 from lightning_mhc.mhc_block import MHCBlock
 
 STYLES = {
@@ -134,9 +135,16 @@ def test_wrapped_blocks_keep_their_original_state_dict_names():
     apply_mhc(model, MHCConfig(), example_input=lm_batch())
     keys = set(model.state_dict())
     assert set(plain.state_dict()) <= keys
-    assert all(".hyper." in k or ".readout." in k for k in keys - set(plain.state_dict()))
+    assert all(".hyper." in k or ".readout." in k or k == MARKER_KEY for k in keys - set(plain.state_dict()))
     result = model.load_state_dict(plain.state_dict(), strict=False)
     assert result.unexpected_keys == [] and all(".hyper." in k for k in result.missing_keys)
+
+
+def test_loading_into_the_plain_module_names_the_loader_first():
+    model = _model("nanogpt")
+    apply_mhc(model, MHCConfig(), example_input=lm_batch())
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "mhc_injected__load_with__lightning_mhc'):
+        _model("nanogpt").load_state_dict(model.state_dict())
 
 
 def test_wrong_blocks_path_lists_the_candidates():

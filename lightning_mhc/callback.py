@@ -1,0 +1,160 @@
+"""MHCCallback: inject mHC into a user's LightningModule from the Trainer, without changing the model's code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
+from lightning_mhc.config import MHCConfig
+from lightning_mhc.inject import InjectionReport, apply_mhc
+from lightning_mhc.mhc_block import MHCBlock
+
+CHECKPOINT_KEY = "mhc"
+
+
+class MHCCallback(L.Callback):
+    """Widen the residual stream of the model's block stack into ``streams`` mixed streams (mHC).
+
+    Injects in ``setup()`` (or right after ``configure_model`` when the module builds its layers there), before
+    optimizers exist and before a checkpoint is restored; stores its config and injection plan in checkpoints.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[MHCCallback(streams=4)])
+        trainer.fit(model, datamodule=dm)
+
+    Args:
+        config: a full :class:`MHCConfig`; or pass its fields as keyword arguments instead.
+        **fields: ``MHCConfig`` fields (``streams``, ``mode``, ``blocks``, ``sinkhorn_iters``, ``gate_init``, ...).
+    """
+
+    def __init__(self, config: MHCConfig | None = None, **fields: Any) -> None:
+        if config is not None and fields:
+            raise ValueError(
+                f"Pass either config=MHCConfig(...) or MHCConfig fields as keyword arguments, not both "
+                f"(got config and {sorted(fields)})."
+            )
+        if config is not None and not isinstance(config, MHCConfig):
+            raise TypeError(f"config must be an MHCConfig, got {type(config).__name__}; or pass its fields directly.")
+        try:
+            self.config = config or MHCConfig(**fields)
+        except TypeError as error:
+            known = sorted(MHCConfig.__dataclass_fields__)
+            raise TypeError(f"{error}. MHCCallback takes the MHCConfig fields {known}.") from None
+        self.report: InjectionReport | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        mine = [c for c in trainer.callbacks if isinstance(c, MHCCallback)]
+        if len(mine) > 1:
+            raise RuntimeError(
+                f"{len(mine)} MHCCallbacks on one Trainer; mHC is injected once. Keep one MHCCallback(...)."
+            )
+        if _is_injected(pl_module):
+            self._check_same_injection(pl_module)
+        elif is_overridden("configure_model", pl_module):
+            self._inject_after_configure_model(trainer, pl_module, stage)
+        else:
+            self._inject(trainer, pl_module, stage)
+        self._check_checkpoint_before_loading(pl_module)
+
+    def _check_checkpoint_before_loading(self, pl_module: L.LightningModule) -> None:
+        """Compare a checkpoint's stored mHC with ours before its weights meet the model, for a clear error."""
+        on_load_checkpoint = pl_module.on_load_checkpoint
+
+        def check_then_load(checkpoint: dict) -> None:
+            stored = checkpoint.get(CHECKPOINT_KEY)
+            if stored is None:
+                raise ValueError(
+                    "This checkpoint was written without MHCCallback, so it has no mHC weights to restore. To start "
+                    "mHC from plain weights, load them into the module first (module.load_state_dict(weights, "
+                    "strict=False)) and fit without ckpt_path."
+                )
+            config = MHCConfig.from_dict(stored["config"])
+            if config != self.config or (self.report is not None and stored["plan"] != self.report.plan()):
+                raise ValueError(
+                    f"The checkpoint was trained with {config} (injection plan {stored['plan']}), but this "
+                    f"MHCCallback has {self.config}. Pass the checkpoint's config to MHCCallback to resume it."
+                )
+            on_load_checkpoint(checkpoint)
+
+        pl_module.on_load_checkpoint = check_then_load
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        vars(pl_module).pop("on_load_checkpoint", None)
+
+    def _inject_after_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        configure_model = pl_module.configure_model
+
+        def configure_then_inject() -> None:
+            del pl_module.configure_model
+            configure_model()
+            if not _is_injected(pl_module):
+                self._inject(trainer, pl_module, stage)
+
+        pl_module.configure_model = configure_then_inject
+
+    def _inject(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        example = None if pl_module.example_input_array is not None else _step_runner(trainer, stage)
+        self.report = apply_mhc(pl_module, self.config, example_input=example)
+        pl_module._mhc_report = self.report
+        rank_zero_info(str(self.report))
+
+    def _check_same_injection(self, pl_module: L.LightningModule) -> None:
+        report = getattr(pl_module, "_mhc_report", None)
+        if report is not None and report.config != self.config:
+            raise RuntimeError(
+                f"This module already has mHC injected with {report.config}; a second injection with {self.config} "
+                "is not possible. Use the same MHCCallback config or a fresh module."
+            )
+        self.report = report
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.report is not None:
+            checkpoint[CHECKPOINT_KEY] = {"config": self.config.to_dict(), "plan": self.report.plan()}
+
+
+def _is_injected(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, MHCBlock) for m in module.modules())
+
+
+def _first_sample(batch: Any) -> Any:
+    """Shrink a batch to its first sample when every tensor in it shares the batch dimension."""
+    sizes = set()
+    apply_to_collection(batch, Tensor, lambda t: sizes.add(t.shape[0] if t.dim() else None))
+    if len(sizes) != 1 or None in sizes:
+        return batch
+    return apply_to_collection(batch, Tensor, lambda t: t[:1])
+
+
+def _step_runner(trainer: L.Trainer, stage: str):
+    """A probe that runs the module's own step on one sample of the stage's first batch, logging switched off."""
+    loop, step = {
+        "fit": (trainer.fit_loop, "training_step"),
+        "validate": (trainer.validate_loop, "validation_step"),
+        "test": (trainer.test_loop, "test_step"),
+        "predict": (trainer.predict_loop, "predict_step"),
+    }[stage]
+
+    def run(pl_module: L.LightningModule) -> None:
+        dataloader = loop._data_source.dataloader()
+        if isinstance(dataloader, (list, tuple)):
+            dataloader = dataloader[0]
+        if dataloader is None:
+            raise ValueError(
+                "MHCCallback runs one forward to find the block stack but found no data for stage "
+                f"{stage!r}; set example_input_array on your LightningModule or pass dataloaders to the Trainer."
+            )
+        batch = _first_sample(next(iter(dataloader)))
+        pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None
+        try:
+            getattr(pl_module, step)(batch, 0)
+        finally:
+            del pl_module.log, pl_module.log_dict
+
+    return run

@@ -1,0 +1,40 @@
+"""Reload a LightningModule trained with mHC: rebuild it, re-inject from the stored plan, load the weights."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, TypeVar
+
+import lightning as L
+import torch
+
+from lightning_mhc.callback import CHECKPOINT_KEY
+from lightning_mhc.config import MHCConfig
+from lightning_mhc.inject import apply_mhc
+
+ModuleT = TypeVar("ModuleT", bound=L.LightningModule)
+
+
+def load_from_checkpoint(module_class: type[ModuleT], checkpoint_path: str, **kwargs: Any) -> ModuleT:
+    """Load a checkpoint written with :class:`MHCCallback` into a fresh ``module_class`` with mHC re-injected.
+
+    ``kwargs`` go to ``module_class.load_from_checkpoint`` (``map_location``, ``hparams_file``, hyperparameter
+    overrides...). The checkpoint is read with ``weights_only=True``.
+
+    Example::
+
+        model = load_from_checkpoint(MyModule, "last.ckpt")
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    stored = checkpoint.get(CHECKPOINT_KEY)
+    if stored is None:
+        raise ValueError(
+            f"{checkpoint_path} has no mHC: it was not written with MHCCallback. "
+            f"Load it with {module_class.__name__}.load_from_checkpoint(...) instead."
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*keys that are not in the model state dict.*")
+        model = module_class.load_from_checkpoint(checkpoint_path, strict=False, **kwargs)
+    model._mhc_report = apply_mhc(model, MHCConfig.from_dict(stored["config"]), plan=stored["plan"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model

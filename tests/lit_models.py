@@ -1,0 +1,70 @@
+"""Plain LightningModules around the block-style models, as a user would write them (no mHC in them)."""
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from block_styles import VOCAB, LlamaLike, NanoGPT
+from torch.utils.data import DataLoader, TensorDataset
+
+MODELS = {"nanogpt": NanoGPT, "llama": LlamaLike}
+
+
+class LitLM(L.LightningModule):
+    def __init__(self, arch: str = "nanogpt", depth: int = 3, lr: float = 3e-3):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = MODELS[arch](depth=depth)
+        self.losses = []
+
+    def forward(self, tokens):
+        return self.model(tokens)
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        logits = self(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        if self.training:  # MHCCallback's probe runs this step once in eval mode
+            self.losses.append(loss.item())
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        (tokens,) = batch
+        logits = self(tokens[:, :-1])
+        self.log("val_loss", F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+class LazyLitLM(LitLM):
+    """Builds its layers in configure_model, as large-model code does."""
+
+    def __init__(self, arch: str = "nanogpt", depth: int = 3, lr: float = 3e-3):
+        super().__init__(arch, depth, lr)
+        self.model = None
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = MODELS[self.hparams.arch](depth=self.hparams.depth)
+
+
+def token_loader(samples=16, batch_size=4, seq=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (samples, seq), generator=g)
+    # a learnable pattern: every sequence repeats a short motif
+    tokens[:, 8:] = tokens[:, : seq - 8]
+    return DataLoader(TensorDataset(tokens), batch_size=batch_size, shuffle=False)
+
+
+def trainer(**kwargs):
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
