@@ -11,9 +11,11 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
+from lightning_mhc.capture import StreamCapture
 from lightning_mhc.config import MHCConfig
 from lightning_mhc.inject import InjectionReport, apply_mhc
-from lightning_mhc.mhc_block import MHCBlock
+from lightning_mhc.mhc_block import MHCBlock, attach_capture
+from lightning_mhc.monitor import METRIC_KEYS, StabilityMonitor, total_grad_norm
 
 CHECKPOINT_KEY = "mhc"
 
@@ -48,6 +50,11 @@ class MHCCallback(L.Callback):
             known = sorted(MHCConfig.__dataclass_fields__)
             raise TypeError(f"{error}. MHCCallback takes the MHCConfig fields {known}.") from None
         self.report: InjectionReport | None = None
+        self.monitor: StabilityMonitor | None = None
+        self.history: list[dict[str, float]] = []
+        self._capture: StreamCapture | None = None
+        self._capture_step = -1
+        self._grad_norm = 0.0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         mine = [c for c in trainer.callbacks if isinstance(c, MHCCallback)]
@@ -114,9 +121,56 @@ class MHCCallback(L.Callback):
             )
         self.report = report
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        layers = self.report.branches if self.config.stream_count > 1 else 0
+        self.monitor = StabilityMonitor(layers).to(pl_module.device)
+        self.history = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._capture is None and trainer.global_step % self.config.log_every_n_steps == 0:
+            self._capture = StreamCapture()
+            self._capture_step = trainer.global_step
+            attach_capture(pl_module, self._capture)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self._capture is not None:
+            self._grad_norm = total_grad_norm(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor):
+            self.monitor.observe_loss(loss)
+        if self._capture is None or trainer.global_step == self._capture_step:
+            return
+        attach_capture(pl_module, None)
+        self.monitor.update(self._capture)
+        self._capture = None
+        metrics = self.monitor.compute(self._grad_norm)
+        self.history.append({"step": self._capture_step, **metrics})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self._capture_step)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.history:
+            rank_zero_info(stability_summary(self.history))
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.report is not None:
             checkpoint[CHECKPOINT_KEY] = {"config": self.config.to_dict(), "plan": self.report.plan()}
+
+
+def stability_summary(history: list[dict[str, float]]) -> str:
+    """A few lines a person reads at the end of a run: worst and last values of the stability metrics."""
+    lines = [f"mHC stability over {len(history)} logged steps (max / last):"]
+    for key in METRIC_KEYS:
+        values = [h[key] for h in history if key in h]
+        if values:
+            lines.append(f"  {key:<24} {max(values):>10.4g} / {values[-1]:.4g}")
+    return "\n".join(lines)
 
 
 def _is_injected(module: torch.nn.Module) -> bool:

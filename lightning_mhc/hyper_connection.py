@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lightning_mhc.capture import StreamCapture
 from lightning_mhc.config import MHCConfig
 from lightning_mhc.kernels import reference
 from lightning_mhc.kernels.reference import Coefficients
@@ -38,6 +39,7 @@ class HyperConnection(nn.Module):
         self.streams = n
         self.mode = config.mode if n > 1 else "residual"
         self.sinkhorn_iters = config.sinkhorn_iters
+        self.capture: StreamCapture | None = None
         if self.mode == "residual":
             return
         self.alpha = nn.Parameter(torch.full((3,), float(config.gate_init)))
@@ -57,7 +59,10 @@ class HyperConnection(nn.Module):
                 logits = reference.mhc_logits(x, self.phi, self.alpha, self.bias)
             else:
                 logits = reference.hc_logits(x, self.theta, self.alpha, self.bias)
-            return reference.coefficients_from_logits(logits, self.streams, self.mode, self.sinkhorn_iters)
+            coeffs = reference.coefficients_from_logits(logits, self.streams, self.mode, self.sinkhorn_iters)
+        if self.capture is not None:
+            self.capture.add_h_res(coeffs.h_res)
+        return coeffs
 
     def read(self, x: Tensor) -> tuple[Tensor, Coefficients | None]:
         """Branch input ``H_pre · x`` and the coefficients ``write`` needs."""

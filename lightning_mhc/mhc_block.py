@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_mhc.branches import ResidualWatcher, returns_last_sum
+from lightning_mhc.capture import StreamCapture
 from lightning_mhc.config import MHCConfig
 from lightning_mhc.hyper_connection import HyperConnection
 from lightning_mhc.kernels.reference import Coefficients
@@ -95,11 +96,14 @@ class MHCBlock(nn.Module):
         self.last = last
         self.readout = StreamReadout(self.streams, config.readout) if last else None
         self.block_name = type(block).__name__
+        self.capture: StreamCapture | None = None
         self.register_state_dict_post_hook(_drop_wrapped_prefix)
         self.register_load_state_dict_pre_hook(_add_wrapped_prefix)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden, with_hidden = take_hidden(args, kwargs)
+        if self.capture is not None and self.first:
+            self.capture.begin_forward()
         streams = expand_streams(hidden, self.streams) if self.first else hidden
         if streams.dim() < 2 or streams.shape[-2] != self.streams:
             raise RuntimeError(
@@ -110,7 +114,11 @@ class MHCBlock(nn.Module):
             streams, rebuild = self._forward_whole(streams, with_hidden)
         else:
             streams, rebuild = self._forward_split(streams, with_hidden)
-        return rebuild(self.readout(streams) if self.last else streams)
+        if not self.last:
+            return rebuild(streams)
+        if self.capture is not None:
+            self.capture.add_final_streams(streams)
+        return rebuild(self.readout(streams))
 
     def _forward_whole(self, streams: Tensor, with_hidden: Callable) -> tuple[Tensor, Callable]:
         hyper = self.hyper[0]
@@ -149,3 +157,10 @@ def _add_wrapped_prefix(module: nn.Module, state_dict: dict, prefix: str, *args:
     own = tuple(prefix + p for p in (*OWN_PREFIXES, WRAPPED + "."))
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(own)]:
         state_dict[prefix + WRAPPED + "." + key[len(prefix) :]] = state_dict.pop(key)
+
+
+def attach_capture(module: nn.Module, capture: StreamCapture | None) -> None:
+    """Point every injected block and hyper-connection of ``module`` at ``capture`` (``None`` detaches)."""
+    for m in module.modules():
+        if isinstance(m, (HyperConnection, MHCBlock)):
+            m.capture = capture

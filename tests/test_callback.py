@@ -1,3 +1,4 @@
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -5,10 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lit_models import LazyLitLM, LitLM, token_loader, trainer
 
 from lightning_mhc import MHCCallback, MHCConfig, load_from_checkpoint
+from lightning_mhc.callback import stability_summary
 from lightning_mhc.mhc_block import MHCBlock
+from lightning_mhc.monitor import METRIC_KEYS
 
 
 def _blocks(module):
@@ -171,3 +175,32 @@ def test_ddp_on_two_processes_keeps_ranks_identical(tmp_path):
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
     initial = torch.load(tmp_path / "initial.pt")
     assert any(not torch.equal(initial[k], rank0[k]) for k in initial if ".hyper." in k)
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_every_documented_metric_reaches_the_csv_logger(tmp_path, mode):
+    torch.manual_seed(0)
+    model = LitLM(depth=2)
+    callback = MHCCallback(streams=4, mode=mode, log_every_n_steps=2)
+    trainer(max_steps=6, logger=CSVLogger(tmp_path), callbacks=[callback]).fit(model, token_loader())
+    with open(Path(tmp_path) / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("mhc/grad_norm")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    for key in (*METRIC_KEYS, "mhc/composite_fwd/depth_000", "mhc/composite_bwd/depth_003"):
+        assert all(r[key] != "" for r in rows), key
+    fwd = [float(r["mhc/gain_fwd_composite"]) for r in rows]
+    if mode == "mhc":
+        assert all(abs(g - 1) < 1e-4 for g in fwd)
+        assert all(float(r["mhc/sinkhorn_err"]) < 1e-2 for r in rows)
+    else:
+        assert all(abs(g - 1) > 1e-3 for g in fwd)
+    assert all(float(r["mhc/grad_norm"]) > 0 for r in rows)
+    assert all(m.capture is None for m in model.modules() if hasattr(m, "capture"))
+    assert "mHC stability over 3 logged steps" in stability_summary(callback.history)
+
+
+def test_residual_mode_logs_without_gains(tmp_path):
+    callback = MHCCallback(mode="residual", log_every_n_steps=1)
+    trainer(max_steps=2, callbacks=[callback]).fit(LitLM(depth=2), token_loader())
+    assert [h["step"] for h in callback.history] == [0, 1]
+    assert all("mhc/gain_fwd_composite" not in h and h["mhc/stream_diversity"] == 0 for h in callback.history)

@@ -143,7 +143,9 @@ def test_wrapped_blocks_keep_their_original_state_dict_names():
 def test_loading_into_the_plain_module_names_the_loader_first():
     model = _model("nanogpt")
     apply_mhc(model, MHCConfig(), example_input=lm_batch())
-    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "mhc_injected__load_with__lightning_mhc'):
+    with pytest.raises(
+        RuntimeError, match=r'Unexpected key\(s\) in state_dict: "mhc_injected__load_with__lightning_mhc'
+    ):
         _model("nanogpt").load_state_dict(model.state_dict())
 
 

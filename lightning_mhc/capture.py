@@ -1,0 +1,26 @@
+"""StreamCapture: what the stability metrics read (``H_res`` per layer, the final stream state), taken only
+while a capture is attached, so steps that are not logged pay nothing but an ``is None`` check."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+class StreamCapture:
+    """Detached ``H_res`` of every hyper-connection, grouped per forward in depth order, and the stream state
+    the last block reduces."""
+
+    def __init__(self) -> None:
+        self.forwards: list[list[Tensor]] = []
+        self.final_streams: list[Tensor] = []
+
+    def begin_forward(self) -> None:
+        self.forwards.append([])
+
+    def add_h_res(self, h_res: Tensor) -> None:
+        if not self.forwards:
+            self.begin_forward()
+        self.forwards[-1].append(h_res.detach())
+
+    def add_final_streams(self, streams: Tensor) -> None:
+        self.final_streams.append(streams.detach())
