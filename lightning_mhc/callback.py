@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_mhc.capture import StreamCapture
 from lightning_mhc.config import MHCConfig
 from lightning_mhc.inject import InjectionReport, apply_mhc
+from lightning_mhc.kernels.dispatch import resolve_backend
 from lightning_mhc.mhc_block import MHCBlock, attach_capture
 from lightning_mhc.monitor import METRIC_KEYS, StabilityMonitor, total_grad_norm
 
@@ -62,6 +63,7 @@ class MHCCallback(L.Callback):
             raise RuntimeError(
                 f"{len(mine)} MHCCallbacks on one Trainer; mHC is injected once. Keep one MHCCallback(...)."
             )
+        resolve_backend(self.config.kernels, trainer.strategy.root_device)
         if _is_injected(pl_module):
             self._check_same_injection(pl_module)
         elif is_overridden("configure_model", pl_module):

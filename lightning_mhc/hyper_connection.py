@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from lightning_mhc.capture import StreamCapture
 from lightning_mhc.config import MHCConfig
 from lightning_mhc.kernels import reference
+from lightning_mhc.kernels.dispatch import KernelOps, get_ops, resolve_backend
 from lightning_mhc.kernels.reference import Coefficients
 
 
@@ -39,6 +40,7 @@ class HyperConnection(nn.Module):
         self.streams = n
         self.mode = config.mode if n > 1 else "residual"
         self.sinkhorn_iters = config.sinkhorn_iters
+        self.kernels = config.kernels
         self.capture: StreamCapture | None = None
         if self.mode == "residual":
             return
@@ -52,14 +54,17 @@ class HyperConnection(nn.Module):
             bias = [torch.full((n,), 1.0 / n), torch.ones(n), eye.flatten()]
         self.bias = nn.Parameter(torch.cat(bias))
 
+    def _ops(self, x: Tensor) -> KernelOps:
+        return get_ops(resolve_backend(self.kernels, x.device))
+
     def coefficients(self, x: Tensor) -> Coefficients:
         """fp32 ``H_pre``, ``H_post``, ``H_res`` for streams ``x`` of shape ``(..., n, C)``, autocast off."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.mode == "mhc":
-                logits = reference.mhc_logits(x, self.phi, self.alpha, self.bias)
+                coeffs = self._ops(x).mhc_coefficients(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters)
             else:
                 logits = reference.hc_logits(x, self.theta, self.alpha, self.bias)
-            coeffs = reference.coefficients_from_logits(logits, self.streams, self.mode, self.sinkhorn_iters)
+                coeffs = reference.coefficients_from_logits(logits, self.streams, self.mode, self.sinkhorn_iters)
         if self.capture is not None:
             self.capture.add_h_res(coeffs.h_res)
         return coeffs
@@ -69,13 +74,13 @@ class HyperConnection(nn.Module):
         if self.mode == "residual":
             return x.squeeze(-2), None
         coeffs = self.coefficients(x)
-        return reference.pre_mix(x, coeffs.h_pre), coeffs
+        return self._ops(x).pre_mix(x, coeffs.h_pre), coeffs
 
     def write(self, x: Tensor, branch_out: Tensor, coeffs: Coefficients | None) -> Tensor:
         """New streams ``H_res · x + H_post^T · F``."""
         if self.mode == "residual":
             return x + branch_out.unsqueeze(-2)
-        return reference.merge(x, branch_out, coeffs.h_res, coeffs.h_post)
+        return self._ops(x).merge(x, branch_out, coeffs.h_res, coeffs.h_post)
 
     def forward(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
         h, coeffs = self.read(x)

@@ -191,3 +191,19 @@ def test_probe_leaves_training_mode_and_gradients_alone():
     apply_mhc(model, MHCConfig(), example_input=image_batch()[0])
     assert all(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_triton_kernels_in_an_injected_model_match_the_torch_reference():
+    torch_model = _model("nanogpt")
+    triton_model = copy.deepcopy(torch_model)
+    apply_mhc(torch_model, MHCConfig(kernels="torch", gate_init=0.3), example_input=lm_batch())
+    apply_mhc(triton_model, MHCConfig(kernels="triton", gate_init=0.3), example_input=lm_batch())
+    triton_model.load_state_dict(torch_model.state_dict())
+    x = lm_batch(1)
+    out_torch, out_triton = torch_model(x), triton_model(x)
+    torch.testing.assert_close(out_triton, out_torch, rtol=1e-5, atol=1e-5)
+    out_torch.square().mean().backward()
+    out_triton.square().mean().backward()
+    for (name, a), b in zip(torch_model.named_parameters(), triton_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,265 @@
+"""The two stream-mixing kernels of mHC and their backward passes (paper Eqs. 3 and 18-19).
+
+``F_pre``: the branch input ``H_pre · x`` reads ``nC`` and writes ``C`` per token.
+``F_post,res``: the new stream state ``H_res · x + H_post^T · F`` reads ``(n+1)C`` and writes ``nC`` per token,
+the fused form whose traffic is the bandwidth floor (DESIGN §1).
+
+Every program owns ``BLOCK_T`` tokens and walks ``C`` in ``BLOCK_C`` chunks, so loads and stores are
+contiguous over ``C`` and the per-token reductions of the backward (``dH = sum_c g * x``) finish inside the
+program, with no atomics and no partial buffers. The ``n x n`` mix is unrolled over the input stream ``j``
+(``n`` is a compile-time constant): one contiguous ``(BLOCK_T, BLOCK_C)`` row of ``x`` at a time, multiplied
+into all ``n`` outputs. Arithmetic is fp32 in registers whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _pre_mix_fwd_kernel(
+    x_ptr,
+    h_ptr,
+    out_ptr,
+    n_tokens,
+    C,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    i = tl.arange(0, NP)
+    t_mask = t < n_tokens
+    h_mask = t_mask[:, None] & (i[None, :] < N)
+    h = tl.load(h_ptr + t[:, None] * N + i[None, :], mask=h_mask, other=0.0).to(tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        x_offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
+        x = tl.load(x_ptr + x_offs, mask=h_mask[:, :, None] & c_mask[None, None, :], other=0.0).to(tl.float32)
+        y = tl.sum(h[:, :, None] * x, axis=1)
+        out_mask = t_mask[:, None] & c_mask[None, :]
+        tl.store(out_ptr + t[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _pre_mix_bwd_kernel(
+    x_ptr,
+    h_ptr,
+    grad_out_ptr,
+    dx_ptr,
+    dh_ptr,
+    n_tokens,
+    C,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    i = tl.arange(0, NP)
+    t_mask = t < n_tokens
+    h_mask = t_mask[:, None] & (i[None, :] < N)
+    h = tl.load(h_ptr + t[:, None] * N + i[None, :], mask=h_mask, other=0.0).to(tl.float32)
+    dh = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        g_mask = t_mask[:, None] & c_mask[None, :]
+        g = tl.load(grad_out_ptr + t[:, None] * C + c[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        x_offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
+        x_mask = h_mask[:, :, None] & c_mask[None, None, :]
+        x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + x_offs, (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty), mask=x_mask)
+        dh += tl.sum(x * g[:, None, :], axis=2)
+    tl.store(dh_ptr + t[:, None] * N + i[None, :], dh, mask=h_mask)
+
+
+@triton.jit
+def _merge_fwd_kernel(
+    x_ptr,
+    f_ptr,
+    h_res_ptr,
+    h_post_ptr,
+    out_ptr,
+    n_tokens,
+    C,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    i = tl.arange(0, NP)
+    t_mask = t < n_tokens
+    h_mask = t_mask[:, None] & (i[None, :] < N)
+    h_post = tl.load(h_post_ptr + t[:, None] * N + i[None, :], mask=h_mask, other=0.0).to(tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        row_mask = t_mask[:, None] & c_mask[None, :]
+        f = tl.load(f_ptr + t[:, None] * C + c[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        acc = h_post[:, :, None] * f[:, None, :]
+        for j in tl.static_range(N):
+            x_j = tl.load(x_ptr + t[:, None] * (N * C) + j * C + c[None, :], mask=row_mask, other=0.0)
+            h_j = tl.load(h_res_ptr + t[:, None] * (N * N) + i[None, :] * N + j, mask=h_mask, other=0.0)
+            acc += h_j.to(tl.float32)[:, :, None] * x_j.to(tl.float32)[:, None, :]
+        out_offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
+        out_mask = h_mask[:, :, None] & c_mask[None, None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge_bwd_kernel(
+    x_ptr,
+    f_ptr,
+    h_res_ptr,
+    h_post_ptr,
+    grad_out_ptr,
+    dx_ptr,
+    df_ptr,
+    dh_res_ptr,
+    dh_post_ptr,
+    n_tokens,
+    C,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    i = tl.arange(0, NP)
+    t_mask = t < n_tokens
+    h_mask = t_mask[:, None] & (i[None, :] < N)
+    h_post = tl.load(h_post_ptr + t[:, None] * N + i[None, :], mask=h_mask, other=0.0).to(tl.float32)
+    dh_res = tl.zeros((BLOCK_T, NP, NP), dtype=tl.float32)
+    dh_post = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        row_mask = t_mask[:, None] & c_mask[None, :]
+        g_offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
+        g_mask = h_mask[:, :, None] & c_mask[None, None, :]
+        g = tl.load(grad_out_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + t[:, None] * C + c[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        df = tl.sum(h_post[:, :, None] * g, axis=1)
+        tl.store(df_ptr + t[:, None] * C + c[None, :], df.to(df_ptr.dtype.element_ty), mask=row_mask)
+        dh_post += tl.sum(g * f[:, None, :], axis=2)
+        for j in tl.static_range(N):
+            x_offs = t[:, None] * (N * C) + j * C + c[None, :]
+            x_j = tl.load(x_ptr + x_offs, mask=row_mask, other=0.0).to(tl.float32)
+            h_j = tl.load(h_res_ptr + t[:, None] * (N * N) + i[None, :] * N + j, mask=h_mask, other=0.0)
+            dx_j = tl.sum(h_j.to(tl.float32)[:, :, None] * g, axis=1)
+            tl.store(dx_ptr + x_offs, dx_j.to(dx_ptr.dtype.element_ty), mask=row_mask)
+            dh_col = tl.sum(g * x_j[:, None, :], axis=2)
+            dh_res += tl.where(i[None, None, :] == j, dh_col[:, :, None], 0.0)
+    tl.store(dh_post_ptr + t[:, None] * N + i[None, :], dh_post, mask=h_mask)
+    res_offs = t[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
+    res_mask = h_mask[:, :, None] & (i[None, None, :] < N)
+    tl.store(dh_res_ptr + res_offs, dh_res, mask=res_mask)
+
+
+def _launch_config(n_tokens: int, n: int, c: int) -> tuple[int, int, int, int, int]:
+    """Stream padding, tokens and channels per program (about 4096 elements of ``x`` per chunk), warps, grid.
+
+    ``BLOCK_C`` is the power of two up to 512 that wastes the fewest masked lanes (C=1280 takes 256, not 512).
+    """
+    n_pad = triton.next_power_of_2(n)
+    top = min(triton.next_power_of_2(c), 512)
+    candidates = [b for b in (top, top // 2, top // 4) if b >= min(top, 128)]
+    block_c = min(candidates, key=lambda b: (triton.cdiv(c, b) * b, -b))
+    block_t = max(1, min(triton.next_power_of_2(n_tokens), 4096 // (n_pad * block_c)))
+    num_warps = 4 if n_pad * block_c * block_t <= 2048 else 8
+    return n_pad, block_t, block_c, num_warps, triton.cdiv(n_tokens, block_t)
+
+
+def pre_mix_forward(x: Tensor, h_pre: Tensor) -> Tensor:
+    """``(T, C)`` in ``x``'s dtype from contiguous ``x (T, n, C)`` and ``h_pre (T, n)``."""
+    n_tokens, n, c = x.shape
+    out = torch.empty((n_tokens, c), device=x.device, dtype=x.dtype)
+    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
+    _pre_mix_fwd_kernel[(grid,)](
+        x, h_pre, out, n_tokens, c, N=n, NP=n_pad, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps
+    )
+    return out
+
+
+def pre_mix_backward(x: Tensor, h_pre: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients wrt ``x`` (``x``'s dtype) and ``h_pre`` (fp32)."""
+    n_tokens, n, c = x.shape
+    dx = torch.empty_like(x)
+    dh = torch.empty((n_tokens, n), device=x.device, dtype=torch.float32)
+    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
+    _pre_mix_bwd_kernel[(grid,)](
+        x,
+        h_pre,
+        grad_out.contiguous(),
+        dx,
+        dh,
+        n_tokens,
+        c,
+        N=n,
+        NP=n_pad,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return dx, dh
+
+
+def merge_forward(x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
+    """``(T, n, C)`` in ``x``'s dtype from contiguous ``x (T, n, C)``, ``f (T, C)``, ``h_res (T, n, n)``,
+    ``h_post (T, n)``."""
+    n_tokens, n, c = x.shape
+    out = torch.empty_like(x)
+    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
+    _merge_fwd_kernel[(grid,)](
+        x,
+        f,
+        h_res,
+        h_post,
+        out,
+        n_tokens,
+        c,
+        N=n,
+        NP=n_pad,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def merge_backward(
+    x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor, grad_out: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients wrt ``x`` and ``f`` (their dtypes), ``h_res`` and ``h_post`` (fp32)."""
+    n_tokens, n, c = x.shape
+    dx = torch.empty_like(x)
+    df = torch.empty_like(f)
+    dh_res = torch.empty((n_tokens, n, n), device=x.device, dtype=torch.float32)
+    dh_post = torch.empty((n_tokens, n), device=x.device, dtype=torch.float32)
+    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
+    _merge_bwd_kernel[(grid,)](
+        x,
+        f,
+        h_res,
+        h_post,
+        grad_out.contiguous(),
+        dx,
+        df,
+        dh_res,
+        dh_post,
+        n_tokens,
+        c,
+        N=n,
+        NP=n_pad,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+    )
+    return dx, df, dh_res, dh_post

@@ -1,0 +1,225 @@
+"""mHC logits (paper Eqs. 14-17) in one pass over the stream state: ``alpha * (vec(x) @ phi) / r + b``.
+
+Formulation: the product is a skinny GEMM, ``(T, K) @ (K, N)`` with ``K = n*C`` large (16384 at n=4, C=4096)
+and ``N = n*n + 2n`` small (24 at n=4). Each forward program owns ``BLOCK_T`` tokens and walks ``K`` in
+``BLOCK_K`` chunks: one coalesced load of the ``x`` chunk feeds both ``tl.dot`` (``N`` padded to a power of two
+>= 16, fp32 accumulation) and the running sum of squares, so ``x`` is read exactly once and the RMS division
+is applied to the ``(BLOCK_T, N)`` result after the matmul, as the paper fuses it. ``phi`` (``K*N`` fp32, about
+1.5 MB at n=4, C=4096) is re-read by every program and stays L2-resident; a larger ``BLOCK_T`` amortises it.
+A reduction formulation (broadcast-multiply and ``tl.sum``) would run on CUDA cores: at ``N`` = 24-80 flops per
+byte of ``x`` that is compute-bound on Hopper, while tensor cores keep the kernel on the bandwidth roofline.
+The dot runs in tf32 on GPU (``DOT_PRECISION``), as the paper allows for ``phi``; ``x`` in bf16 loses nothing
+to tf32. Inputs of any float dtype are upcast to fp32 in registers (the interpreter mishandles bf16 math).
+
+Backward needs no second pass over ``x`` for a reduction: with ``m/r`` and ``r`` saved (``N + 1`` floats per
+token), ``dx = Gm @ phi^T + c * x`` is known chunk by chunk, where ``Gm = g * alpha / r`` and
+``c = -sum(g * alpha * m/r) / (K r^2)``. So one kernel over a ``(K chunks, token splits)`` grid reads each ``x``
+chunk once, writes ``dx`` and accumulates ``dphi = x^T @ Gm`` for its chunk; the per-split partial sums of
+``dphi`` are added by torch. The ``alpha`` and ``bias`` gradients are sums over the small ``(T, N)`` tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lightning_mhc.kernels.reference import RMS_EPS
+
+DOT_PRECISION = "tf32"
+
+
+@triton.jit
+def _logits_fwd_kernel(
+    x_ptr,
+    phi_ptr,
+    alpha_ptr,
+    bias_ptr,
+    out_ptr,
+    mr_ptr,
+    r_ptr,
+    n_tokens,
+    K,
+    N,
+    stride_xt,
+    n_streams,
+    ACTIVATE: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    j = tl.arange(0, BLOCK_N)
+    t_mask = t < n_tokens
+    j_mask = j < N
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        v = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        v = v.to(tl.float32)
+        w = tl.load(phi_ptr + k[:, None] * N + j[None, :], mask=k_mask[:, None] & j_mask[None, :], other=0.0)
+        sum_sq += tl.sum(v * v, axis=1)
+        acc = tl.dot(v, w.to(tl.float32), acc, input_precision=PRECISION)
+    r = tl.sqrt(sum_sq / K + EPS)
+    mr = acc / r[:, None]
+    alpha_pre = tl.load(alpha_ptr).to(tl.float32)
+    alpha_post = tl.load(alpha_ptr + 1).to(tl.float32)
+    alpha_res = tl.load(alpha_ptr + 2).to(tl.float32)
+    gain = tl.where(j < n_streams, alpha_pre, tl.where(j < 2 * n_streams, alpha_post, alpha_res))
+    z = mr * gain[None, :] + tl.load(bias_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATE:
+        s = tl.sigmoid(z)
+        z = tl.where(j[None, :] < n_streams, s, tl.where(j[None, :] < 2 * n_streams, 2.0 * s, z))
+    out_mask = t_mask[:, None] & j_mask[None, :]
+    tl.store(out_ptr + t[:, None] * N + j[None, :], z, mask=out_mask)
+    tl.store(mr_ptr + t[:, None] * N + j[None, :], mr, mask=out_mask)
+    tl.store(r_ptr + t, r, mask=t_mask)
+
+
+@triton.jit
+def _logits_bwd_kernel(
+    x_ptr,
+    phi_ptr,
+    gm_ptr,
+    c_ptr,
+    dx_ptr,
+    dphi_ptr,
+    n_tokens,
+    K,
+    N,
+    stride_xt,
+    tokens_per_split,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
+    j = tl.arange(0, BLOCK_N)
+    k_mask = k < K
+    j_mask = j < N
+    w = tl.load(phi_ptr + k[:, None] * N + j[None, :], mask=k_mask[:, None] & j_mask[None, :], other=0.0)
+    w_t = tl.trans(w.to(tl.float32))
+    dphi = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    t_start = split * tokens_per_split
+    t_end = tl.minimum(t_start + tokens_per_split, n_tokens)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = t < t_end
+        x_mask = t_mask[:, None] & k_mask[None, :]
+        v = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        gm = tl.load(gm_ptr + t[:, None] * N + j[None, :], mask=t_mask[:, None] & j_mask[None, :], other=0.0)
+        c = tl.load(c_ptr + t, mask=t_mask, other=0.0)
+        dx = tl.dot(gm, w_t, input_precision=PRECISION) + c[:, None] * v
+        tl.store(dx_ptr + t[:, None] * K + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=x_mask)
+        dphi = tl.dot(tl.trans(v), gm, dphi, input_precision=PRECISION)
+    tl.store(dphi_ptr + split * K * N + k[:, None] * N + j[None, :], dphi, mask=k_mask[:, None] & j_mask[None, :])
+
+
+def _gains(alpha: Tensor, n: int) -> Tensor:
+    sizes = torch.tensor([n, n, n * n], device=alpha.device)
+    return torch.repeat_interleave(alpha.float(), sizes)
+
+
+def block_sizes(k_dim: int, n_out: int, forward: bool) -> tuple[int, int, int]:
+    """``BLOCK_T, BLOCK_K, BLOCK_N``: ``N`` padded for ``tl.dot`` (>= 16), tiles sized to fit registers at 8 warps
+    without spilling on sm_90 (the forward also holds the fp32 copy of ``x`` for the sum of squares)."""
+    block_n = max(16, triton.next_power_of_2(n_out))
+    if forward:
+        return 64, max(16, min(triton.next_power_of_2(k_dim), 2048 // max(block_n, 32))), block_n
+    return 32, max(16, min(triton.next_power_of_2(k_dim), 4096 // block_n)), block_n
+
+
+def logits_forward(
+    x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, n: int, activate: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits ``(T, N)`` fp32 from ``x`` viewed as ``(T, n*C)`` (unit stride over ``n*C``).
+
+    With ``activate`` the pre/post columns hold ``sigmoid`` / ``2 sigmoid`` of the logits (``H_pre``, ``H_post``)
+    and the res columns stay logits. Also returns ``m / r`` ``(T, N)`` and ``r`` ``(T,)`` for the backward.
+    """
+    n_tokens, k_dim = x.shape
+    n_out = phi.shape[1]
+    phi, alpha, bias = phi.contiguous(), alpha.contiguous(), bias.contiguous()
+    out = torch.empty((n_tokens, n_out), device=x.device, dtype=torch.float32)
+    mr = torch.empty_like(out)
+    r = torch.empty((n_tokens,), device=x.device, dtype=torch.float32)
+    block_t, block_k, block_n = block_sizes(k_dim, n_out, forward=True)
+    _logits_fwd_kernel[(triton.cdiv(n_tokens, block_t),)](
+        x,
+        phi,
+        alpha,
+        bias,
+        out,
+        mr,
+        r,
+        n_tokens,
+        k_dim,
+        n_out,
+        x.stride(0),
+        n,
+        ACTIVATE=activate,
+        EPS=RMS_EPS,
+        BLOCK_T=block_t,
+        BLOCK_K=block_k,
+        BLOCK_N=block_n,
+        PRECISION=DOT_PRECISION,
+        num_warps=8,
+    )
+    return out, mr, r
+
+
+def _token_splits(x: Tensor, k_chunks: int, token_blocks: int) -> int:
+    """Enough token splits to give every SM a few programs; one split off GPU (the interpreter prefers few)."""
+    if x.device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return max(1, min(token_blocks, triton.cdiv(4 * sms, k_chunks)))
+
+
+def logits_backward(
+    x: Tensor, phi: Tensor, alpha: Tensor, grad_logits: Tensor, mr: Tensor, r: Tensor, n: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients wrt ``x`` (``x``'s dtype, ``(T, n*C)``), ``phi``, ``alpha`` and ``bias`` (fp32) from the
+    gradient wrt the pre-activation logits ``(T, N)``."""
+    n_tokens, k_dim = x.shape
+    n_out = phi.shape[1]
+    g = grad_logits.float()
+    gains = _gains(alpha, n)
+    gm = (g * gains / r[:, None]).contiguous()
+    c = (-(g * gains * mr).sum(-1) / (k_dim * r * r)).contiguous()
+    block_t, block_k, block_n = block_sizes(k_dim, n_out, forward=False)
+    k_chunks = triton.cdiv(k_dim, block_k)
+    token_blocks = triton.cdiv(n_tokens, block_t)
+    splits = _token_splits(x, k_chunks, token_blocks)
+    tokens_per_split = max(1, triton.cdiv(token_blocks, splits)) * block_t
+    splits = triton.cdiv(n_tokens, tokens_per_split)
+    dx = torch.empty((n_tokens, k_dim), device=x.device, dtype=x.dtype)
+    dphi = torch.empty((splits, k_dim, n_out), device=x.device, dtype=torch.float32)
+    _logits_bwd_kernel[(k_chunks, splits)](
+        x,
+        phi.contiguous(),
+        gm,
+        c,
+        dx,
+        dphi,
+        n_tokens,
+        k_dim,
+        n_out,
+        x.stride(0),
+        tokens_per_split,
+        BLOCK_T=block_t,
+        BLOCK_K=block_k,
+        BLOCK_N=block_n,
+        PRECISION=DOT_PRECISION,
+        num_warps=8,
+    )
+    per_column = (g * mr).sum(0)
+    dalpha = torch.stack([per_column[:n].sum(), per_column[n : 2 * n].sum(), per_column[2 * n :].sum()])
+    return dx, dphi.sum(0), dalpha, g.sum(0)
