@@ -37,7 +37,8 @@ def mhc_logits(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor) -> Tensor:
     v = at_least_fp32(x.flatten(-2))
     rms = torch.sqrt(v.square().mean(-1, keepdim=True) + RMS_EPS)
     m = v @ phi.to(v.dtype)
-    gains = torch.repeat_interleave(alpha.to(v.dtype), torch.tensor([n, n, n * n], device=alpha.device))
+    a = alpha.to(v.dtype)
+    gains = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
     return m / rms * gains + bias.to(v.dtype)
 
 
