@@ -57,23 +57,26 @@ class HyperConnection(nn.Module):
     def _ops(self, x: Tensor) -> KernelOps:
         return get_ops(resolve_backend(self.kernels, x.device))
 
-    def coefficients(self, x: Tensor) -> Coefficients:
-        """fp32 ``H_pre``, ``H_post``, ``H_res`` for streams ``x`` of shape ``(..., n, C)``, autocast off."""
+    def coefficients(self, x: Tensor, capture: bool = True) -> Coefficients:
+        """fp32 ``H_pre``, ``H_post``, ``H_res`` for streams ``x`` of shape ``(..., n, C)``, autocast off.
+
+        ``capture=False`` keeps ``H_res`` out of an attached capture (recomputation in backward must not repeat it).
+        """
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.mode == "mhc":
                 coeffs = self._ops(x).mhc_coefficients(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters)
             else:
                 logits = reference.hc_logits(x, self.theta, self.alpha, self.bias)
                 coeffs = reference.coefficients_from_logits(logits, self.streams, self.mode, self.sinkhorn_iters)
-        if self.capture is not None:
+        if capture and self.capture is not None:
             self.capture.add_h_res(coeffs.h_res)
         return coeffs
 
-    def read(self, x: Tensor) -> tuple[Tensor, Coefficients | None]:
-        """Branch input ``H_pre · x`` and the coefficients ``write`` needs."""
+    def read(self, x: Tensor, capture: bool = True) -> tuple[Tensor, Coefficients | None]:
+        """Branch input ``H_pre · x`` and the coefficients ``write`` needs (``capture`` as in ``coefficients``)."""
         if self.mode == "residual":
             return x.squeeze(-2), None
-        coeffs = self.coefficients(x)
+        coeffs = self.coefficients(x, capture)
         return self._ops(x).pre_mix(x, coeffs.h_pre), coeffs
 
     def write(self, x: Tensor, branch_out: Tensor, coeffs: Coefficients | None) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_mhc.branches import ResidualWatcher, returns_last_sum
 from lightning_mhc.config import MHCConfig
 from lightning_mhc.mhc_block import MHCBlock, split_output, take_hidden
+from lightning_mhc.recompute import recompute_layers
 
 ExampleInput = Union[Tensor, tuple, dict, Callable[[nn.Module], Any], None]
 
@@ -128,9 +129,14 @@ def apply_mhc(
     stack = module.get_submodule(stack_name)
     report = InjectionReport(stack=stack_name, dim=dim, config=config, params_before=params_before)
     last = len(stack) - 1
+    layers_per_group = recompute_layers(config, sum(b for _, b in layout)) if config.recompute else None
+    first_sublayer = 0
     for i, (granularity, branches) in enumerate(layout):
         block = stack[i]
-        wrapped = MHCBlock(block, dim, branches, granularity, config, first=i == 0, last=i == last)
+        wrapped = MHCBlock(
+            block, dim, branches, granularity, config, i == 0, i == last, first_sublayer, layers_per_group
+        )
+        first_sublayer += branches
         wrapped.to(device=_device_of(block))
         stack[i] = wrapped
         added = sum(p.numel() for p in wrapped.parameters()) - sum(p.numel() for p in block.parameters())

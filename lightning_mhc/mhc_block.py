@@ -9,8 +9,10 @@ the plain and the injected model with ``strict=False``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_mhc.branches import ResidualWatcher, returns_last_sum
@@ -18,6 +20,7 @@ from lightning_mhc.capture import StreamCapture
 from lightning_mhc.config import MHCConfig
 from lightning_mhc.hyper_connection import HyperConnection
 from lightning_mhc.kernels.reference import Coefficients
+from lightning_mhc.recompute import RecomputeChain
 from lightning_mhc.streams import StreamReadout, expand_streams
 
 WRAPPED = "block"
@@ -49,30 +52,50 @@ def split_output(out: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
     )
 
 
+class _Steps:
+    """A block's mHC steps for one call: straight through its hyper-connections, or through a recompute chain."""
+
+    def __init__(self, hypers: nn.ModuleList, first_sublayer: int, chain: RecomputeChain | None) -> None:
+        self.hypers = hypers
+        self.first_sublayer = first_sublayer
+        self.chain = chain
+
+    def read(self, k: int, streams: Tensor) -> tuple[Tensor, Coefficients | None]:
+        if self.chain is None:
+            return self.hypers[k].read(streams)
+        return self.chain.read(self.hypers[k], streams, self.first_sublayer + k)
+
+    def write(self, k: int, streams: Tensor, branch_out: Tensor, coeffs: Coefficients | None) -> Tensor:
+        if self.chain is None:
+            return self.hypers[k].write(streams, branch_out, coeffs)
+        return self.chain.write(self.hypers[k], streams, branch_out, coeffs)
+
+
 class _StreamRouting:
     """Carries the stream state through one call of a split block: each residual sum becomes a merge."""
 
-    def __init__(self, hypers: nn.ModuleList, streams: Tensor, block_name: str) -> None:
-        self.hypers = hypers
+    def __init__(self, steps: _Steps, streams: Tensor, block_name: str) -> None:
+        self.steps = steps
+        self.branches = len(steps.hypers)
         self.streams = streams
         self.block_name = block_name
         self.index = 0
         self.coeffs: Coefficients | None = None
 
     def first_input(self) -> Tensor:
-        h, self.coeffs = self.hypers[0].read(self.streams)
+        h, self.coeffs = self.steps.read(0, self.streams)
         return h
 
     def end_branch(self, residual: Tensor, branch_out: Tensor) -> Tensor:
-        if self.index >= len(self.hypers):
+        if self.index >= self.branches:
             raise RuntimeError(
-                f"{self.block_name} made more residual additions than the {len(self.hypers)} found when mHC was "
+                f"{self.block_name} made more residual additions than the {self.branches} found when mHC was "
                 "injected; its control flow changed. Inject with granularity='block' for such blocks."
             )
-        self.streams = self.hypers[self.index].write(self.streams, branch_out, self.coeffs)
+        self.streams = self.steps.write(self.index, self.streams, branch_out, self.coeffs)
         self.index += 1
-        if self.index < len(self.hypers):
-            h, self.coeffs = self.hypers[self.index].read(self.streams)
+        if self.index < self.branches:
+            h, self.coeffs = self.steps.read(self.index, self.streams)
             return h
         return branch_out
 
@@ -81,11 +104,22 @@ class MHCBlock(nn.Module):
     """A user block whose residual branches each get a :class:`HyperConnection`.
 
     ``granularity="sublayer"``: the block's residual sums are found as it runs (see ``branches.py``);
-    ``"block"``: the whole block is one branch, ``F(h) = block(h) - h``.
+    ``"block"``: the whole block is one branch, ``F(h) = block(h) - h``. With ``recompute_layers`` (``L_r``) set,
+    the mHC steps run under a :class:`RecomputeChain` whose groups start at stack-wide sublayer indices that are
+    multiples of ``L_r``; ``first_sublayer`` is the stack-wide index of this block's first branch.
     """
 
     def __init__(
-        self, block: nn.Module, dim: int, branches: int, granularity: str, config: MHCConfig, first: bool, last: bool
+        self,
+        block: nn.Module,
+        dim: int,
+        branches: int,
+        granularity: str,
+        config: MHCConfig,
+        first: bool,
+        last: bool,
+        first_sublayer: int = 0,
+        recompute_layers: int | None = None,
     ) -> None:
         super().__init__()
         self.block = block
@@ -96,6 +130,8 @@ class MHCBlock(nn.Module):
         self.last = last
         self.readout = StreamReadout(self.streams, config.readout) if last else None
         self.block_name = type(block).__name__
+        self.first_sublayer = first_sublayer
+        self.recompute_layers = recompute_layers if self.streams > 1 else None
         self.capture: StreamCapture | None = None
         self.register_state_dict_post_hook(_drop_wrapped_prefix)
         self.register_load_state_dict_pre_hook(_add_wrapped_prefix)
@@ -110,25 +146,33 @@ class MHCBlock(nn.Module):
                 f"{self.block_name} received a hidden state of shape {tuple(hidden.shape)} instead of the "
                 f"{self.streams}-stream state: the injected blocks must run in order, each on the previous output."
             )
-        if self.granularity == "block":
-            streams, rebuild = self._forward_whole(streams, with_hidden)
-        else:
-            streams, rebuild = self._forward_split(streams, with_hidden)
+        chain = None
+        if self.recompute_layers is not None and torch.is_grad_enabled():
+            chain = RecomputeChain(self.recompute_layers)
+            if not self.first:
+                chain = RecomputeChain.take(hidden, chain)
+        steps = _Steps(self.hyper, self.first_sublayer, chain)
+        with nullcontext() if chain is None else chain.hooks():
+            if self.granularity == "block":
+                streams, rebuild = self._forward_whole(streams, with_hidden, steps)
+            else:
+                streams, rebuild = self._forward_split(streams, with_hidden, steps)
         if not self.last:
+            if chain is not None:
+                chain.hand_over(streams)
             return rebuild(streams)
         if self.capture is not None:
             self.capture.add_final_streams(streams)
         return rebuild(self.readout(streams))
 
-    def _forward_whole(self, streams: Tensor, with_hidden: Callable) -> tuple[Tensor, Callable]:
-        hyper = self.hyper[0]
-        h, coeffs = hyper.read(streams)
+    def _forward_whole(self, streams: Tensor, with_hidden: Callable, steps: _Steps) -> tuple[Tensor, Callable]:
+        h, coeffs = steps.read(0, streams)
         args, kwargs = with_hidden(h)
         out, rebuild = split_output(self.block(*args, **kwargs))
-        return hyper.write(streams, out - h, coeffs), rebuild
+        return steps.write(0, streams, out - h, coeffs), rebuild
 
-    def _forward_split(self, streams: Tensor, with_hidden: Callable) -> tuple[Tensor, Callable]:
-        routing = _StreamRouting(self.hyper, streams, self.block_name)
+    def _forward_split(self, streams: Tensor, with_hidden: Callable, steps: _Steps) -> tuple[Tensor, Callable]:
+        routing = _StreamRouting(steps, streams, self.block_name)
         h = routing.first_input()
         args, kwargs = with_hidden(h)
         watcher = ResidualWatcher(h, routing.end_branch)
@@ -144,7 +188,11 @@ class MHCBlock(nn.Module):
         return routing.streams, rebuild
 
     def extra_repr(self) -> str:
-        return f"granularity={self.granularity!r}, branches={len(self.hyper)}, first={self.first}, last={self.last}"
+        recompute = "" if self.recompute_layers is None else f", recompute_layers={self.recompute_layers}"
+        return (
+            f"granularity={self.granularity!r}, branches={len(self.hyper)}, first={self.first}, last={self.last}"
+            + recompute
+        )
 
 
 def _drop_wrapped_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
