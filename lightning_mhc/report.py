@@ -128,7 +128,7 @@ def write_plots(runs: dict[str, Run], out_dir: str | Path) -> list[Path]:
                 series = run.get(key) if key else None
                 if series:
                     steps, values = zip(*series)
-                    label = name if len(keys) == 1 else f"{name} ({key.rsplit('_', 1)[-1]})"
+                    label = name if len(keys) == 1 else f"{name} ({'backward' if '_bwd_' in key else 'forward'})"
                     ax.plot(steps, values, style, color=colours[name], label=label)
         _finish(fig, ax, title, "training step", ylabel, log, out / filename)
 
