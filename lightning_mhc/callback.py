@@ -12,13 +12,15 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_mhc.capture import StreamCapture
-from lightning_mhc.config import MHCConfig
+from lightning_mhc.config import STRUCTURAL_FIELDS, MHCConfig
 from lightning_mhc.inject import InjectionReport, apply_mhc
 from lightning_mhc.kernels.dispatch import resolve_backend
 from lightning_mhc.mhc_block import MHCBlock, attach_capture
 from lightning_mhc.monitor import METRIC_KEYS, StabilityMonitor, total_grad_norm
 
 CHECKPOINT_KEY = "mhc"
+# What an injected module cannot change any more: its structure and what its blocks were built with.
+BAKED_IN_FIELDS = (*STRUCTURAL_FIELDS, "kernels", "recompute", "recompute_layers")
 
 
 class MHCCallback(L.Callback):
@@ -84,11 +86,12 @@ class MHCCallback(L.Callback):
                     "mHC from plain weights, load them into the module first (module.load_state_dict(weights, "
                     "strict=False)) and fit without ckpt_path."
                 )
-            config = MHCConfig.from_dict(stored["config"])
-            if config != self.config or (self.report is not None and stored["plan"] != self.report.plan()):
+            differ = MHCConfig.from_dict(stored["config"]).differences(self.config, STRUCTURAL_FIELDS)
+            if differ or (self.report is not None and stored["plan"] != self.report.plan()):
                 raise ValueError(
-                    f"The checkpoint was trained with {config} (injection plan {stored['plan']}), but this "
-                    f"MHCCallback has {self.config}. Pass the checkpoint's config to MHCCallback to resume it."
+                    f"The checkpoint was trained with another mHC structure (checkpoint vs this MHCCallback: "
+                    f"{differ or 'same fields, different injection plan'}; plan {stored['plan']}). Pass the "
+                    "checkpoint's values to MHCCallback to resume it."
                 )
             on_load_checkpoint(checkpoint)
 
@@ -111,15 +114,15 @@ class MHCCallback(L.Callback):
     def _inject(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         example = None if pl_module.example_input_array is not None else _step_runner(trainer, stage)
         self.report = apply_mhc(pl_module, self.config, example_input=example)
-        pl_module._mhc_report = self.report
         rank_zero_info(str(self.report))
 
     def _check_same_injection(self, pl_module: L.LightningModule) -> None:
-        report = getattr(pl_module, "_mhc_report", None)
-        if report is not None and report.config != self.config:
+        report = pl_module.mhc_report
+        differ = report.config.differences(self.config, BAKED_IN_FIELDS)
+        if differ:
             raise RuntimeError(
-                f"This module already has mHC injected with {report.config}; a second injection with {self.config} "
-                "is not possible. Use the same MHCCallback config or a fresh module."
+                f"This module already has mHC injected with other settings (injected vs this MHCCallback: {differ}); "
+                "a second injection is not possible. Use the same MHCCallback settings or a fresh module."
             )
         self.report = report
 

@@ -35,6 +35,6 @@ def load_from_checkpoint(module_class: type[ModuleT], checkpoint_path: str, **kw
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*keys that are not in the model state dict.*")
         model = module_class.load_from_checkpoint(checkpoint_path, strict=False, **kwargs)
-    model._mhc_report = apply_mhc(model, MHCConfig.from_dict(stored["config"]), plan=stored["plan"])
+    apply_mhc(model, MHCConfig.from_dict(stored["config"]), plan=stored["plan"])
     model.load_state_dict(checkpoint["state_dict"])
     return model

@@ -14,6 +14,9 @@ MODES = ("mhc", "hc", "residual")
 READOUTS = ("mean", "sum", "learned")
 GRANULARITIES = ("auto", "sublayer", "block")
 KERNELS = ("auto", "triton", "torch")
+# Fields that decide the parameters and the function of an injected model; the others (initial values, kernels,
+# recomputation, logging) may change between a checkpoint and its resumption.
+STRUCTURAL_FIELDS = ("streams", "mode", "blocks", "sinkhorn_iters", "readout", "granularity")
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -90,6 +93,11 @@ class MHCConfig:
     def stream_count(self) -> int:
         """Streams actually carried: the plain residual carries one whatever ``streams`` says."""
         return 1 if self.mode == "residual" else self.streams
+
+    def differences(self, other: MHCConfig, fields: tuple[str, ...] | None = None) -> dict[str, tuple[Any, Any]]:
+        """``{field: (ours, theirs)}`` for the ``fields`` (default: all) whose values differ."""
+        names = fields or tuple(f.name for f in dataclasses.fields(self))
+        return {n: (getattr(self, n), getattr(other, n)) for n in names if getattr(self, n) != getattr(other, n)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -113,6 +113,8 @@ def apply_mhc(
             Defaults to ``module.example_input_array``.
         plan: a stored ``InjectionReport.plan()``; re-injects exactly as before, without a probe.
 
+    The report is also kept as ``module.mhc_report``.
+
     Example::
 
         report = apply_mhc(model, MHCConfig(streams=4), example_input=tokens[:1])
@@ -143,6 +145,7 @@ def apply_mhc(
         report.blocks.append(BlockInjection(i, f"{stack_name}.{i}", type(block).__name__, granularity, branches, added))
     module.register_state_dict_post_hook(_add_marker)
     module.register_load_state_dict_pre_hook(_drop_marker)
+    module.mhc_report = report
     return report
 
 

@@ -78,8 +78,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     )
 
     torch.manual_seed(123)
-    resumed = LitLM()
-    trainer(max_steps=8, callbacks=[MHCCallback(streams=4)]).fit(
+    resumed = LitLM()  # logging and kernel settings may change on resumption; the structure may not
+    trainer(max_steps=8, callbacks=[MHCCallback(streams=4, log_every_n_steps=3, kernels="torch")]).fit(
         resumed, token_loader(), ckpt_path=tmp_path / "epoch=0-step=4.ckpt"
     )
     torch.testing.assert_close(resumed.losses, whole.losses[4:], rtol=0, atol=1e-6)
@@ -92,7 +92,7 @@ def test_resume_with_a_different_config_says_what_to_pass(tmp_path):
     run = trainer(max_steps=1, callbacks=[MHCCallback(streams=4)])
     run.fit(model, token_loader())
     run.save_checkpoint(tmp_path / "a.ckpt")
-    with pytest.raises(ValueError, match="Pass the checkpoint's config to MHCCallback"):
+    with pytest.raises(ValueError, match=r"'streams': \(4, 2\).*Pass the checkpoint's values to MHCCallback"):
         trainer(max_steps=2, callbacks=[MHCCallback(streams=2)]).fit(
             LitLM(), token_loader(), ckpt_path=tmp_path / "a.ckpt"
         )
@@ -204,3 +204,15 @@ def test_residual_mode_logs_without_gains(tmp_path):
     trainer(max_steps=2, callbacks=[callback]).fit(LitLM(depth=2), token_loader())
     assert [h["step"] for h in callback.history] == [0, 1]
     assert all("mhc/gain_fwd_composite" not in h and h["mhc/stream_diversity"] == 0 for h in callback.history)
+
+
+def test_callback_adopts_a_module_injected_with_apply_mhc(tmp_path):
+    from lightning_mhc import apply_mhc
+
+    model = LitLM()
+    apply_mhc(model, MHCConfig(streams=2), example_input=next(iter(token_loader()))[0][:1, :-1])
+    run = trainer(max_steps=2, callbacks=[MHCCallback(streams=2, log_every_n_steps=1)])
+    run.fit(model, token_loader())
+    run.save_checkpoint(tmp_path / "m.ckpt")
+    reloaded = load_from_checkpoint(LitLM, str(tmp_path / "m.ckpt"))
+    assert len(_blocks(reloaded)) == 3

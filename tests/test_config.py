@@ -48,3 +48,9 @@ def test_unknown_stored_field_is_named():
 def test_residual_mode_carries_one_stream():
     assert MHCConfig(mode="residual", streams=4).stream_count == 1
     assert MHCConfig(mode="hc", streams=4).stream_count == 4
+
+
+def test_differences_names_the_fields_that_differ():
+    a, b = MHCConfig(streams=4, log_every_n_steps=10), MHCConfig(streams=2, log_every_n_steps=20)
+    assert a.differences(b) == {"streams": (4, 2), "log_every_n_steps": (10, 20)}
+    assert a.differences(b, ("mode", "streams")) == {"streams": (4, 2)}
