@@ -28,6 +28,10 @@ class MHCCallback(L.Callback):
 
     Injects in ``setup()`` (or right after ``configure_model`` when the module builds its layers there), before
     optimizers exist and before a checkpoint is restored; stores its config and injection plan in checkpoints.
+    To find the block stack it runs the module once: ``forward(example_input_array)`` when that is set, else the
+    stage's own step (``training_step`` for fit) on one sample of the first batch, in eval mode without gradients
+    and with logging switched off. Every ``log_every_n_steps`` optimizer steps it logs the ``mhc/*`` stability
+    metrics (``monitor.METRIC_KEYS``) to every logger of the Trainer, and prints a summary when fitting ends.
 
     Example::
 
