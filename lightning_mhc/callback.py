@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -44,6 +47,8 @@ class MHCCallback(L.Callback):
     """
 
     def __init__(self, config: MHCConfig | None = None, **fields: Any) -> None:
+        defaults = MHCConfig()
+        fields = {k: v for k, v in fields.items() if config is None or getattr(defaults, k, object()) != v}
         if config is not None and fields:
             raise ValueError(
                 f"Pass either config=MHCConfig(...) or MHCConfig fields as keyword arguments, not both "
@@ -72,50 +77,42 @@ class MHCCallback(L.Callback):
         resolve_backend(self.config.kernels, trainer.strategy.root_device)
         if _is_injected(pl_module):
             self._check_same_injection(pl_module)
-        elif is_overridden("configure_model", pl_module):
-            self._inject_after_configure_model(trainer, pl_module, stage)
         else:
-            self._inject(trainer, pl_module, stage)
-        self._check_checkpoint_before_loading(pl_module)
+            if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+                raise RuntimeError(
+                    "MHCCallback cannot inject under a spawn/fork strategy (e.g. 'ddp_spawn'): the worker processes "
+                    "would train mHC weights that never reach your module in the main process. Use strategy='ddp', "
+                    "or inject before fitting with lightning_mhc.apply_mhc(model, config, example_input=...)."
+                )
+            # After the module's own setup (which may build its data or layers), and after configure_model.
+            hook = "configure_model" if is_overridden("configure_model", pl_module) else "setup"
+            _run_after(pl_module, hook, partial(self._inject, trainer, pl_module, stage))
+        pl_module.on_load_checkpoint = partial(self._check_then_load, pl_module.on_load_checkpoint)
 
-    def _check_checkpoint_before_loading(self, pl_module: L.LightningModule) -> None:
+    def _check_then_load(self, on_load_checkpoint: Callable[[dict], None], checkpoint: dict) -> None:
         """Compare a checkpoint's stored mHC with ours before its weights meet the model, for a clear error."""
-        on_load_checkpoint = pl_module.on_load_checkpoint
-
-        def check_then_load(checkpoint: dict) -> None:
-            stored = checkpoint.get(CHECKPOINT_KEY)
-            if stored is None:
-                raise ValueError(
-                    "This checkpoint was written without MHCCallback, so it has no mHC weights to restore. To start "
-                    "mHC from plain weights, load them into the module first (module.load_state_dict(weights, "
-                    "strict=False)) and fit without ckpt_path."
-                )
-            differ = MHCConfig.from_dict(stored["config"]).differences(self.config, STRUCTURAL_FIELDS)
-            if differ or (self.report is not None and stored["plan"] != self.report.plan()):
-                raise ValueError(
-                    f"The checkpoint was trained with another mHC structure (checkpoint vs this MHCCallback: "
-                    f"{differ or 'same fields, different injection plan'}; plan {stored['plan']}). Pass the "
-                    "checkpoint's values to MHCCallback to resume it."
-                )
-            on_load_checkpoint(checkpoint)
-
-        pl_module.on_load_checkpoint = check_then_load
+        stored = checkpoint.get(CHECKPOINT_KEY)
+        if stored is None:
+            raise ValueError(
+                "This checkpoint was written without MHCCallback, so it has no mHC weights to restore. To start "
+                "mHC from plain weights, load them into the module first (module.load_state_dict(weights, "
+                "strict=False)) and fit without ckpt_path."
+            )
+        differ = MHCConfig.from_dict(stored["config"]).differences(self.config, STRUCTURAL_FIELDS)
+        if differ or (self.report is not None and stored["plan"] != self.report.plan()):
+            raise ValueError(
+                f"The checkpoint was trained with another mHC structure (checkpoint vs this MHCCallback: "
+                f"{differ or 'same fields, different injection plan'}; plan {stored['plan']}). Pass the "
+                "checkpoint's values to MHCCallback to resume it."
+            )
+        on_load_checkpoint(checkpoint)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         vars(pl_module).pop("on_load_checkpoint", None)
 
-    def _inject_after_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        configure_model = pl_module.configure_model
-
-        def configure_then_inject() -> None:
-            del pl_module.configure_model
-            configure_model()
-            if not _is_injected(pl_module):
-                self._inject(trainer, pl_module, stage)
-
-        pl_module.configure_model = configure_then_inject
-
     def _inject(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if _is_injected(pl_module):
+            return
         example = None if pl_module.example_input_array is not None else _step_runner(trainer, stage)
         self.report = apply_mhc(pl_module, self.config, example_input=example)
         rank_zero_info(str(self.report))
@@ -182,6 +179,18 @@ def stability_summary(history: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _run_after(module: torch.nn.Module, hook: str, then: Callable[[], None]) -> None:
+    """Make the module's next call of ``hook`` run ``then`` afterwards (once; picklable, unlike a closure)."""
+    setattr(module, hook, partial(_call_then, module, hook, getattr(module, hook), then))
+
+
+def _call_then(module: torch.nn.Module, hook: str, original: Callable, then: Callable[[], None], *args, **kwargs):
+    vars(module).pop(hook, None)
+    result = original(*args, **kwargs)
+    then()
+    return result
+
+
 def _is_injected(module: torch.nn.Module) -> bool:
     return any(isinstance(m, MHCBlock) for m in module.modules())
 
@@ -213,7 +222,8 @@ def _step_runner(trainer: L.Trainer, stage: str):
                 "MHCCallback runs one forward to find the block stack but found no data for stage "
                 f"{stage!r}; set example_input_array on your LightningModule or pass dataloaders to the Trainer."
             )
-        batch = _first_sample(next(iter(dataloader)))
+        device = next(pl_module.parameters()).device
+        batch = apply_to_collection(_first_sample(next(iter(dataloader))), Tensor, lambda t: t.to(device))
         pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None
         try:
             getattr(pl_module, step)(batch, 0)

@@ -24,17 +24,20 @@ from lightning_mhc.recompute import RecomputeChain
 from lightning_mhc.streams import StreamReadout, expand_streams
 
 WRAPPED = "block"
-OWN_PREFIXES = ("hyper.", "readout.")
+
+
+HIDDEN_NAMES = ("hidden_states", "hidden", "x", "h", "inputs", "input")
 
 
 def take_hidden(args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple[tuple, dict]]]:
-    """The hidden state a block is called with (first positional, else first floating-point keyword tensor)
-    and a function that puts a replacement in its place."""
+    """The hidden state a block is called with (the first positional argument, else the keyword named like a hidden
+    state, else the first floating-point keyword tensor) and a function that puts a replacement in its place."""
     if args and isinstance(args[0], Tensor):
         return args[0], lambda h: ((h, *args[1:]), kwargs)
-    for key, value in kwargs.items():
-        if isinstance(value, Tensor) and value.is_floating_point():
-            return value, lambda h, key=key: (args, {**kwargs, key: h})
+    named = [k for k in HIDDEN_NAMES if isinstance(kwargs.get(k), Tensor)]
+    floating = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.is_floating_point()]
+    for key in named[:1] or floating[:1]:
+        return kwargs[key], lambda h, key=key: (args, {**kwargs, key: h})
     raise TypeError("mHC could not find the hidden state: pass it to the block as its first argument.")
 
 
@@ -202,8 +205,10 @@ def _drop_wrapped_prefix(module: nn.Module, state_dict: dict, prefix: str, local
 
 
 def _add_wrapped_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    own = tuple(prefix + p for p in (*OWN_PREFIXES, WRAPPED + "."))
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(own)]:
+    own = {prefix + "hyper." + name for name in module.hyper.state_dict(keep_vars=True)}
+    if module.readout is not None:
+        own |= {prefix + "readout." + name for name in module.readout.state_dict(keep_vars=True)}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in own]:
         state_dict[prefix + WRAPPED + "." + key[len(prefix) :]] = state_dict.pop(key)
 
 

@@ -1,8 +1,10 @@
 import csv
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -216,3 +218,40 @@ def test_callback_adopts_a_module_injected_with_apply_mhc(tmp_path):
     run.save_checkpoint(tmp_path / "m.ckpt")
     reloaded = load_from_checkpoint(LitLM, str(tmp_path / "m.ckpt"))
     assert len(_blocks(reloaded)) == 3
+
+
+class DataInSetup(LitLM):
+    """Builds its data in setup(), which Lightning runs after the callbacks' setup."""
+
+    def setup(self, stage):
+        self.loader = token_loader()
+
+    def train_dataloader(self):
+        return self.loader
+
+
+class PickleDuringFit(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.size = len(pickle.dumps(pl_module))
+
+
+def test_injects_after_the_module_setup_and_stays_picklable():
+    model = DataInSetup()
+    pickler = PickleDuringFit()
+    trainer(max_steps=2, callbacks=[MHCCallback(streams=2), pickler]).fit(model)
+    assert len(_blocks(model)) == 3 and pickler.size > 0
+    assert "setup" not in vars(model)
+
+
+def test_config_with_default_fields_as_jsonargparse_passes_them():
+    assert MHCCallback(config=MHCConfig(streams=2), mode="mhc", log_every_n_steps=50).config.streams == 2
+    with pytest.raises(ValueError, match=r"not both \(got config and \['streams'\]\)"):
+        MHCCallback(config=MHCConfig(streams=2), streams=3)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_spawn_strategies_are_refused_with_what_to_do_instead():
+    run = trainer(max_steps=1, strategy="ddp_spawn", devices=2, callbacks=[MHCCallback(streams=2)])
+    with pytest.raises(Exception, match="strategy='ddp'"):
+        run.fit(LitLM(), token_loader())

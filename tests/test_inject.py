@@ -207,3 +207,67 @@ def test_triton_kernels_in_an_injected_model_match_the_torch_reference():
     out_triton.square().mean().backward()
     for (name, a), b in zip(torch_model.named_parameters(), triton_model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class Wrapper(nn.Module):
+    """A block whose children are named like the mHC wrapper's own (block, hyper, readout)."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.block, self.hyper = nn.Linear(dim, dim), nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return x + self.block(self.hyper(x))
+
+
+class WrapperNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(Wrapper() for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_blocks_with_children_named_like_the_wrapper_reload_strictly():
+    model = WrapperNet()
+    apply_mhc(model, MHCConfig(readout="learned"), example_input=torch.randn(2, 32))
+    state = model.state_dict()
+    assert "layers.0.block.weight" in state and "layers.0.hyper.weight" in state and "layers.0.hyper.0.phi" in state
+    replica = WrapperNet()
+    apply_mhc(replica, MHCConfig(readout="learned"), example_input=torch.randn(2, 32))
+    replica.load_state_dict(state)
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(replica(x), model(x))
+
+
+class KeywordBlock(nn.Module):
+    def __init__(self, dim=32):
+        super().__init__()
+        self.mlp = nn.Linear(dim, dim)
+
+    def forward(self, attention_mask=None, hidden_states=None):
+        return hidden_states + self.mlp(hidden_states) * attention_mask.mean()
+
+
+class KeywordNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(KeywordBlock() for _ in range(2))
+
+    def forward(self, x):
+        mask = torch.ones(8, 8)
+        for layer in self.layers:
+            x = layer(attention_mask=mask, hidden_states=x)
+        return x
+
+
+def test_hidden_state_passed_by_keyword_is_found_by_name():
+    model = KeywordNet()
+    reference = copy.deepcopy(model)
+    report = apply_mhc(model, MHCConfig(gate_init=0.0), example_input=torch.randn(2, 8, 32))
+    assert [b.branches for b in report.blocks] == [1, 1]
+    x = torch.randn(2, 8, 32)
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-5)
