@@ -271,3 +271,12 @@ def test_hidden_state_passed_by_keyword_is_found_by_name():
     assert [b.branches for b in report.blocks] == [1, 1]
     x = torch.randn(2, 8, 32)
     torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dynamo_traces_an_injected_model_in_one_graph():
+    model = _model("nanogpt")
+    apply_mhc(model, MHCConfig(streams=4, kernels="torch"), example_input=lm_batch())
+    explained = torch._dynamo.explain(model)(lm_batch(1))
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
