@@ -5,6 +5,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lit_models import trainer
 from omegaconf import OmegaConf
 
 from lightning_mhc import MHCCallback
@@ -24,18 +25,7 @@ def model_args(config: str) -> dict:
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        gradient_clip_val=1.0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+    return trainer(**{"limit_val_batches": 0, "gradient_clip_val": 1.0, **kwargs})
 
 
 class LossRecorder(L.Callback):

@@ -279,9 +279,8 @@ def test_balancing_spreads_a_skewed_router(balancing):
     assert after < 2.0, f"{balancing}: max/mean load {before:.2f} -> {after:.2f}"
 
 
+@pytest.mark.skipif(megablocks_available(), reason="MegaBlocks is installed and CUDA is present")
 def test_megablocks_backend_without_megablocks_raises_helpful_error():
-    if megablocks_available():
-        pytest.skip("MegaBlocks is installed and CUDA is present")
     cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8)
     with pytest.raises((ImportError, RuntimeError), match=r"lightning-mhc\[megablocks\].*--no-build-isolation"):
         build_moe(cfg, backend="megablocks")
@@ -325,11 +324,10 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not megablocks_available(), reason="needs CUDA and MegaBlocks with grouped_gemm")
 @pytest.mark.parametrize("mlp_type", ["mlp", "glu"])
 @pytest.mark.parametrize("balancing", ["aux_loss", "aux_free"])
 def test_megablocks_matches_torch_backend_on_gpu(mlp_type, balancing):
-    if not megablocks_available():
-        pytest.skip("needs CUDA and MegaBlocks with grouped_gemm")
     torch.manual_seed(0)
     cfg = MoEConfig(
         hidden_size=128,
