@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_mhc.capture import StreamCapture
 from lightning_mhc.config import STRUCTURAL_FIELDS, MHCConfig
-from lightning_mhc.inject import InjectionReport, apply_mhc
+from lightning_mhc.inject import MARKER_KEY, InjectionReport, apply_mhc
 from lightning_mhc.kernels.dispatch import resolve_backend
 from lightning_mhc.mhc_block import MHCBlock, attach_capture
 from lightning_mhc.monitor import METRIC_KEYS, StabilityMonitor, total_grad_norm
@@ -87,25 +87,10 @@ class MHCCallback(L.Callback):
             # After the module's own setup (which may build its data or layers), and after configure_model.
             hook = "configure_model" if is_overridden("configure_model", pl_module) else "setup"
             _run_after(pl_module, hook, partial(self._inject, trainer, pl_module, stage))
-        pl_module.on_load_checkpoint = partial(self._check_then_load, pl_module.on_load_checkpoint)
-
-    def _check_then_load(self, on_load_checkpoint: Callable[[dict], None], checkpoint: dict) -> None:
-        """Compare a checkpoint's stored mHC with ours before its weights meet the model, for a clear error."""
-        stored = checkpoint.get(CHECKPOINT_KEY)
-        if stored is None:
-            raise ValueError(
-                "This checkpoint was written without MHCCallback, so it has no mHC weights to restore. To start "
-                "mHC from plain weights, load them into the module first (module.load_state_dict(weights, "
-                "strict=False)) and fit without ckpt_path."
-            )
-        differ = MHCConfig.from_dict(stored["config"]).differences(self.config, STRUCTURAL_FIELDS)
-        if differ or (self.report is not None and stored["plan"] != self.report.plan()):
-            raise ValueError(
-                f"The checkpoint was trained with another mHC structure (checkpoint vs this MHCCallback: "
-                f"{differ or 'same fields, different injection plan'}; plan {stored['plan']}). Pass the "
-                "checkpoint's values to MHCCallback to resume it."
-            )
-        on_load_checkpoint(checkpoint)
+        # Module-level hooks, not the callback's: Lightning skips callbacks' on_save_checkpoint for weights-only
+        # checkpoints (ModelCheckpoint(save_weights_only=True)), but always calls the module's.
+        pl_module.on_load_checkpoint = partial(_check_then_load, pl_module, pl_module.on_load_checkpoint, self.config)
+        _store_mhc_on_save(pl_module, self.config)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         vars(pl_module).pop("on_load_checkpoint", None)
@@ -164,10 +149,6 @@ class MHCCallback(L.Callback):
         if self.history:
             rank_zero_info(stability_summary(self.history))
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if self.report is not None:
-            checkpoint[CHECKPOINT_KEY] = {"config": self.config.to_dict(), "plan": self.report.plan()}
-
 
 def stability_summary(history: list[dict[str, float]]) -> str:
     """A few lines a person reads at the end of a run: worst and last values of the stability metrics."""
@@ -177,6 +158,72 @@ def stability_summary(history: list[dict[str, float]]) -> str:
         if values:
             lines.append(f"  {key:<24} {max(values):>10.4g} / {values[-1]:.4g}")
     return "\n".join(lines)
+
+
+def _store_mhc_on_save(module: L.LightningModule, config: MHCConfig) -> None:
+    """Make every checkpoint of ``module`` carry the mHC config and plan, weights-only ones included.
+
+    Stays after the fit: the module keeps its mHC blocks, so a later ``trainer.save_checkpoint`` needs the plan too.
+    """
+    current = vars(module).get("on_save_checkpoint")
+    if isinstance(current, partial) and current.func is _save_with_mhc:
+        original = current.args[1]  # installed by an earlier fit: replace, do not stack
+    else:
+        original = module.on_save_checkpoint
+    module.on_save_checkpoint = partial(_save_with_mhc, module, original, config)
+
+
+def _save_with_mhc(
+    module: L.LightningModule, on_save_checkpoint: Callable[[dict], None], config: MHCConfig, checkpoint: dict
+) -> None:
+    report = getattr(module, "mhc_report", None)
+    if report is not None and _is_injected(module):
+        checkpoint[CHECKPOINT_KEY] = {"config": config.to_dict(), "plan": report.plan()}
+    on_save_checkpoint(checkpoint)
+
+
+def _check_then_load(
+    module: L.LightningModule, on_load_checkpoint: Callable[[dict], None], config: MHCConfig, checkpoint: dict
+) -> None:
+    """Compare a checkpoint's stored mHC with ours before its weights meet the model, for a clear error."""
+    stored = checkpoint.get(CHECKPOINT_KEY)
+    if stored is None:
+        if has_mhc_weights(checkpoint):
+            raise ValueError(
+                "This checkpoint holds mHC weights but not the mHC config and injection plan (a weights-only "
+                "checkpoint written by lightning_mhc 0.1.0 or older, which left them out). It cannot be resumed "
+                "with ckpt_path; load its weights into an injected module instead: apply_mhc(model, MHCConfig(<the "
+                "settings it was trained with>), example_input=...), then model.load_state_dict(checkpoint["
+                "'state_dict']), and fit without ckpt_path."
+            )
+        raise ValueError(
+            "This checkpoint was written without MHCCallback, so it has no mHC weights to restore. To start "
+            "mHC from plain weights, load them into the module first (module.load_state_dict(weights, "
+            "strict=False)) and fit without ckpt_path."
+        )
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and trainer.state.fn == "fit" and "optimizer_states" not in checkpoint:
+        raise ValueError(
+            "This checkpoint holds only the weights (written with ModelCheckpoint(save_weights_only=True) or "
+            "save_checkpoint(weights_only=True)), so training cannot resume from it: it has no optimizer, scheduler "
+            "or callback state. To continue training from its weights, load it with "
+            f"lightning_mhc.load_from_checkpoint({type(module).__name__}, path) and fit that model without ckpt_path; "
+            "to resume exactly, save full checkpoints."
+        )
+    differ = MHCConfig.from_dict(stored["config"]).differences(config, STRUCTURAL_FIELDS)
+    report = getattr(module, "mhc_report", None) if _is_injected(module) else None
+    if differ or (report is not None and stored["plan"] != report.plan()):
+        raise ValueError(
+            f"The checkpoint was trained with another mHC structure (checkpoint vs this MHCCallback: "
+            f"{differ or 'same fields, different injection plan'}; plan {stored['plan']}). Pass the "
+            "checkpoint's values to MHCCallback to resume it."
+        )
+    on_load_checkpoint(checkpoint)
+
+
+def has_mhc_weights(checkpoint: dict) -> bool:
+    """Whether the checkpoint's state dict came from an injected module (it carries apply_mhc's marker key)."""
+    return any(key.endswith(MARKER_KEY) for key in checkpoint.get("state_dict", {}))
 
 
 def _run_after(module: torch.nn.Module, hook: str, then: Callable[[], None]) -> None:

@@ -1,0 +1,75 @@
+"""MHCCallback combined with the Lightning features people use beside it (issue 9: items 6, 8, 9, 10, 11)."""
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lit_models import LitLM, token_loader, trainer
+
+from lightning_mhc import MHCCallback, load_from_checkpoint
+from lightning_mhc.callback import CHECKPOINT_KEY
+from lightning_mhc.mhc_block import MHCBlock
+
+
+def _blocks(module):
+    return [m for m in module.modules() if isinstance(m, MHCBlock)]
+
+
+# item 6: ModelCheckpoint(save_weights_only=True)
+
+
+def _fit_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = LitLM("llama", depth=2)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="w", save_weights_only=True, every_n_train_steps=3)
+    trainer(max_steps=3, enable_checkpointing=True, callbacks=[MHCCallback(streams=4, readout="learned"), saver]).fit(
+        model, token_loader()
+    )
+    return model, tmp_path / "w.ckpt"
+
+
+def test_weights_only_checkpoint_reloads_to_the_trained_model(tmp_path):
+    model, path = _fit_weights_only(tmp_path)
+    assert "optimizer_states" not in torch.load(path, weights_only=True)
+    reloaded = load_from_checkpoint(LitLM, str(path))
+    tokens = next(iter(token_loader()))[0]
+    model.eval(), reloaded.eval()
+    torch.testing.assert_close(reloaded(tokens), model(tokens), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="load_with__lightning_mhc.load_from_checkpoint"):
+        LitLM.load_from_checkpoint(path)
+    # a validation run may start from it (no optimizer state needed)
+    metrics = trainer(callbacks=[MHCCallback(streams=4, readout="learned")]).validate(
+        LitLM("llama", depth=2), token_loader(), ckpt_path=path
+    )
+    expected = trainer(callbacks=[MHCCallback(streams=4, readout="learned")]).validate(model, token_loader())
+    assert metrics[0]["val_loss"] == pytest.approx(expected[0]["val_loss"], abs=1e-6)
+
+
+def test_trainer_save_checkpoint_weights_only_after_fit_carries_the_plan(tmp_path):
+    model = LitLM()
+    run = trainer(max_steps=1, callbacks=[MHCCallback(streams=2)])
+    run.fit(model, token_loader())
+    run.save_checkpoint(tmp_path / "w.ckpt", weights_only=True)
+    assert torch.load(tmp_path / "w.ckpt", weights_only=True)[CHECKPOINT_KEY]["plan"] == model.mhc_report.plan()
+    assert len(_blocks(load_from_checkpoint(LitLM, str(tmp_path / "w.ckpt")))) == 3
+
+
+def test_resuming_fit_from_a_weights_only_checkpoint_says_why_and_what_to_do(tmp_path):
+    _, path = _fit_weights_only(tmp_path)
+    with pytest.raises(ValueError, match=r"save_weights_only=True.*cannot resume.*load_from_checkpoint\(LitLM, path\)"):
+        trainer(max_steps=5, callbacks=[MHCCallback(streams=4, readout="learned")]).fit(
+            LitLM("llama", depth=2), token_loader(), ckpt_path=path
+        )
+
+
+def test_weights_only_checkpoint_without_the_plan_points_to_apply_mhc(tmp_path):
+    """Files written before the fix hold mHC weights but no plan: say so, instead of 'not written with mHC'."""
+    _, path = _fit_weights_only(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint[CHECKPOINT_KEY]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match=r"holds mHC weights but not the mHC config.*apply_mhc\(model, MHCConfig"):
+        load_from_checkpoint(LitLM, str(tmp_path / "old.ckpt"))
+    with pytest.raises(ValueError, match=r"holds mHC weights but not the mHC config.*apply_mhc\(model, MHCConfig"):
+        trainer(max_steps=5, callbacks=[MHCCallback(streams=4, readout="learned")]).fit(
+            LitLM("llama", depth=2), token_loader(), ckpt_path=tmp_path / "old.ckpt"
+        )
