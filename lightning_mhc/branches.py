@@ -31,6 +31,13 @@ def _branch_output(residual: Tensor | None, func: Any, args: tuple, kwargs: dict
     return None
 
 
+def tensor_version(tensor: Tensor) -> int:
+    """In-place version counter of ``tensor``; -1 where it cannot be read (inference tensors, under torch.compile)."""
+    if torch.compiler.is_compiling() or tensor.is_inference():
+        return -1
+    return tensor._version
+
+
 def plain_sum(residual: Tensor, branch_out: Tensor) -> Tensor:
     """``end_branch`` that leaves the block unchanged: used to count branches at injection time."""
     return residual + branch_out
@@ -48,6 +55,7 @@ class ResidualWatcher(TorchFunctionMode):
         self.end_branch = end_branch
         self.branches = 0
         self.last_sum: Tensor | None = None
+        self.last_sum_version = -1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -58,9 +66,15 @@ class ResidualWatcher(TorchFunctionMode):
         new_residual = self.end_branch(self.residual, branch_out)
         self.residual = new_residual
         self.last_sum = new_residual
+        self.last_sum_version = tensor_version(new_residual)
         return new_residual
 
 
 def returns_last_sum(watcher: ResidualWatcher, block_hidden: Tensor) -> bool:
-    """True when the block returned its last residual sum unchanged, the condition for splitting it."""
-    return watcher.branches > 0 and block_hidden is watcher.last_sum
+    """True when the block returned its last residual sum unchanged (the same tensor, not modified in place, as
+    by ``x += shortcut; x = relu_(x)``), the condition for splitting it."""
+    return (
+        watcher.branches > 0
+        and block_hidden is watcher.last_sum
+        and tensor_version(block_hidden) == watcher.last_sum_version
+    )

@@ -1,9 +1,15 @@
 """StreamCapture: what the stability metrics read (``H_res`` per layer, the final stream state), taken only
-while a capture is attached, so steps that are not logged pay nothing but an ``is None`` check."""
+while a capture is attached, so steps that are not logged pay nothing but an ``is None`` check. Forwards that
+activation checkpointing replays during backward are not recorded again."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
 
 
 class StreamCapture:
@@ -15,12 +21,16 @@ class StreamCapture:
         self.final_streams: list[Tensor] = []
 
     def begin_forward(self) -> None:
-        self.forwards.append([])
+        if not _in_backward():
+            self.forwards.append([])
 
     def add_h_res(self, h_res: Tensor) -> None:
+        if _in_backward():
+            return
         if not self.forwards:
             self.begin_forward()
         self.forwards[-1].append(h_res.detach())
 
     def add_final_streams(self, streams: Tensor) -> None:
-        self.final_streams.append(streams.detach())
+        if not _in_backward():
+            self.final_streams.append(streams.detach())

@@ -37,6 +37,11 @@ class BlockInjection:
     granularity: str
     branches: int
     params_added: int
+    clone_input: bool = False
+
+    def plan(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"granularity": self.granularity, "branches": self.branches}
+        return {**entry, "clone_input": True} if self.clone_input else entry
 
 
 @dataclass
@@ -48,6 +53,7 @@ class InjectionReport:
     config: MHCConfig
     blocks: list[BlockInjection] = field(default_factory=list)
     params_before: int = 0
+    channels_first: bool = False
 
     @property
     def params_added(self) -> int:
@@ -59,11 +65,8 @@ class InjectionReport:
 
     def plan(self) -> dict[str, Any]:
         """Plain-data description of the injection, enough to redo it without a probe forward."""
-        return {
-            "stack": self.stack,
-            "dim": self.dim,
-            "blocks": [{"granularity": b.granularity, "branches": b.branches} for b in self.blocks],
-        }
+        plan = {"stack": self.stack, "dim": self.dim, "blocks": [b.plan() for b in self.blocks]}
+        return {**plan, "channels_first": True} if self.channels_first else plan
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "config": self.config.to_dict()}
@@ -72,7 +75,8 @@ class InjectionReport:
         c = self.config
         lines = [
             f"mHC injected into '{self.stack}': {len(self.blocks)} blocks, {self.branches} residual branches, "
-            f"width {self.dim}, mode={c.mode}, streams={c.stream_count}, readout={c.readout}",
+            f"width {self.dim}{' (channels first)' if self.channels_first else ''}, mode={c.mode}, "
+            f"streams={c.stream_count}, readout={c.readout}",
             f"{'block':>5}  {'type':<24} {'granularity':<11} {'branches':>8} {'params added':>13}",
         ]
         for b in self.blocks:
@@ -124,25 +128,28 @@ def apply_mhc(
     if any(isinstance(m, MHCBlock) for m in module.modules()):
         raise RuntimeError("mHC is already injected into this module; inject once (one MHCCallback per Trainer).")
     params_before = sum(p.numel() for p in module.parameters())
-    if plan is not None:
-        stack_name, dim, layout = _stack_from_plan(module, plan)
-    else:
-        stack_name, dim, layout = _probe_layout(module, config, example_input)
+    plan = _checked_plan(module, plan) if plan is not None else _probe_plan(module, config, example_input)
+    stack_name, dim, channels_first = plan["stack"], int(plan["dim"]), bool(plan.get("channels_first", False))
     stack = module.get_submodule(stack_name)
-    report = InjectionReport(stack=stack_name, dim=dim, config=config, params_before=params_before)
+    report = InjectionReport(stack_name, dim, config, params_before=params_before, channels_first=channels_first)
     last = len(stack) - 1
-    layers_per_group = recompute_layers(config, sum(b for _, b in layout)) if config.recompute else None
+    sublayers = sum(b["branches"] for b in plan["blocks"])
+    layers_per_group = recompute_layers(config, sublayers) if config.recompute else None
     first_sublayer = 0
-    for i, (granularity, branches) in enumerate(layout):
-        block = stack[i]
+    for i, entry in enumerate(plan["blocks"]):
+        block, granularity, branches = stack[i], entry["granularity"], entry["branches"]
+        clone_input = bool(entry.get("clone_input", False))
         wrapped = MHCBlock(
-            block, dim, branches, granularity, config, i == 0, i == last, first_sublayer, layers_per_group
+            block, dim, branches, granularity, config, i == 0, i == last, first_sublayer, layers_per_group,
+            clone_input=clone_input, channels_first=channels_first,
         )
         first_sublayer += branches
         wrapped.to(device=_device_of(block))
         stack[i] = wrapped
         added = sum(p.numel() for p in wrapped.parameters()) - sum(p.numel() for p in block.parameters())
-        report.blocks.append(BlockInjection(i, f"{stack_name}.{i}", type(block).__name__, granularity, branches, added))
+        report.blocks.append(
+            BlockInjection(i, f"{stack_name}.{i}", type(block).__name__, granularity, branches, added, clone_input)
+        )
     module.register_state_dict_post_hook(_add_marker)
     module.register_load_state_dict_pre_hook(_drop_marker)
     module.mhc_report = report
@@ -164,15 +171,14 @@ def _device_of(block: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _stack_from_plan(module: nn.Module, plan: dict[str, Any]) -> tuple[str, int, list[tuple[str, int]]]:
+def _checked_plan(module: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
     stack = _resolve_stack(module, plan["stack"])
-    layout = [(b["granularity"], b["branches"]) for b in plan["blocks"]]
-    if len(layout) != len(stack):
+    if len(plan["blocks"]) != len(stack):
         raise ValueError(
-            f"The stored mHC plan has {len(layout)} blocks but '{plan['stack']}' has {len(stack)}: the module was "
-            "built with a different depth than the checkpoint. Build it with the checkpoint's hyperparameters."
+            f"The stored mHC plan has {len(plan['blocks'])} blocks but '{plan['stack']}' has {len(stack)}: the module "
+            "was built with a different depth than the checkpoint. Build it with the checkpoint's hyperparameters."
         )
-    return plan["stack"], int(plan["dim"]), layout
+    return plan
 
 
 def candidate_stacks(module: nn.Module) -> list[str]:
@@ -214,9 +220,7 @@ def _run_example(module: nn.Module, example_input: ExampleInput) -> None:
         module(example_input)
 
 
-def _probe_layout(
-    module: nn.Module, config: MHCConfig, example_input: ExampleInput
-) -> tuple[str, int, list[tuple[str, int]]]:
+def _probe_plan(module: nn.Module, config: MHCConfig, example_input: ExampleInput) -> dict[str, Any]:
     names = [config.blocks] if config.blocks else candidate_stacks(module)
     stacks = {name: _resolve_stack(module, name) for name in names}
     probes: dict[int, _Probe] = {}
@@ -236,14 +240,17 @@ def _probe_layout(
             else:
                 stack_name = _choose_stack(module, stacks, probes)
             stack = stacks[stack_name]
-            layout = [_split_plan(f"{stack_name}.{i}", b, probes[id(b)], config) for i, b in enumerate(stack)]
+            first = probes[id(stack[0])]
+            channels_first = _is_channels_first(stack[0], first)
+            blocks = [_split_plan(f"{stack_name}.{i}", b, probes[id(b)], config) for i, b in enumerate(stack)]
     finally:
         for h in handles:
             h.remove()
         for m, mode in training.items():
             m.training = mode
-    dim = probes[id(stack[0])].hidden.shape[-1]
-    return stack_name, dim, layout
+    dim = first.hidden.shape[1 if channels_first else -1]
+    plan = {"stack": stack_name, "dim": dim, "blocks": blocks}
+    return {**plan, "channels_first": True} if channels_first else plan
 
 
 def _record_call(probes: dict[int, _Probe]) -> Callable:
@@ -315,20 +322,88 @@ def _choose_stack(module: nn.Module, stacks: dict[str, nn.Module], probes: dict[
     return best
 
 
-def _split_plan(name: str, block: nn.Module, probe: _Probe, config: MHCConfig) -> tuple[str, int]:
-    """Granularity and branch count for one block, from running it again under a ``ResidualWatcher``."""
+def _split_plan(name: str, block: nn.Module, probe: _Probe, config: MHCConfig) -> dict[str, Any]:
+    """Granularity, branch count and whether the block changes its input in place (then it gets a copy), from
+    running it again: under a ``ResidualWatcher`` to find its residual sums, and with gradients to check that each
+    branch reads the previous branch's sum (parallel branches, ``x + attn(ln x) + mlp(ln x)``, do not)."""
+    clone_input = _changes_its_input(block, probe)
+    whole = {"granularity": "block", "branches": 1, **({"clone_input": True} if clone_input else {})}
     if config.granularity == "block":
-        return "block", 1
+        return whole
     watcher = ResidualWatcher(probe.hidden)
     with watcher:
         out = block(*probe.args, **probe.kwargs)
     out_hidden, _ = split_output(out)
-    if returns_last_sum(watcher, out_hidden):
-        return "sublayer", watcher.branches
+    if not returns_last_sum(watcher, out_hidden):
+        why = (
+            f"found {watcher.branches} additions to the residual, and the block must return its last one unchanged"
+        )
+    elif watcher.branches > 1 and not _branches_read_previous_sums(block, probe):
+        why = "its residual branches run in parallel on the same input, so they are one branch"
+    else:
+        return {"granularity": "sublayer", "branches": watcher.branches}
+    if config.granularity == "sublayer":
+        raise ValueError(
+            f"granularity='sublayer' but mHC cannot split {name} ({type(block).__name__}): {why}. Use "
+            "granularity='auto' or 'block'."
+        )
     warnings.warn(
-        f"mHC could not split {name} ({type(block).__name__}) into residual branches (found {watcher.branches} "
-        "additions to the residual, and the block must return its last one); wrapping the whole block as one "
-        "branch, F(h) = block(h) - h.",
-        stacklevel=3,
+        f"mHC wraps {name} ({type(block).__name__}) whole as one branch, F(h) = block(h) - h: {why}.", stacklevel=3
     )
-    return "block", 1
+    return whole
+
+
+def _changes_its_input(block: nn.Module, probe: _Probe) -> bool:
+    """Whether ``block`` modifies its hidden-state input in place (``x += f(x)``), run on a copy of it."""
+    hidden = probe.hidden.clone()
+    args, kwargs = take_hidden(probe.args, probe.kwargs)[1](hidden)
+    version = hidden._version
+    block(*args, **kwargs)
+    return hidden._version != version
+
+
+def _branches_read_previous_sums(block: nn.Module, probe: _Probe) -> bool:
+    """Whether every residual branch after the first depends on the sum the previous branch ended with."""
+    sums: list[tuple[Tensor, Tensor]] = []
+
+    def record(residual: Tensor, branch_out: Tensor) -> Tensor:
+        sums.append((residual, branch_out))
+        return residual + branch_out
+
+    hidden = probe.hidden.detach().clone().requires_grad_(True)
+    args, kwargs = take_hidden(probe.args, probe.kwargs)[1](hidden)
+    try:
+        with torch.enable_grad():
+            with ResidualWatcher(hidden, record):
+                block(*args, **kwargs)
+            for residual, branch_out in sums[1:]:
+                if not branch_out.requires_grad:
+                    return False
+                (grad,) = torch.autograd.grad(branch_out.sum(), residual, retain_graph=True, allow_unused=True)
+                if grad is None:
+                    return False
+    except RuntimeError:
+        return False
+    return True
+
+
+def _is_channels_first(block: nn.Module, probe: _Probe) -> bool:
+    """Whether the hidden state is channels-first (``(B, C, H, W)``, conv nets): a convolution in the first block
+    takes a tensor of the hidden state's shape with ``in_channels`` equal to its dimension 1."""
+    shape = probe.hidden.shape
+    if probe.hidden.dim() < 3:
+        return False
+    seen: list[bool] = []
+
+    def check(conv: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].shape == shape and conv.in_channels == shape[1]:
+            seen.append(True)
+
+    convs = [m for m in block.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    handles = [conv.register_forward_pre_hook(check) for conv in convs]
+    try:
+        block(*probe.args, **probe.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return bool(seen)

@@ -16,6 +16,7 @@ from block_styles import (
 from torch import nn
 
 from lightning_mhc import MHCConfig, apply_mhc
+from lightning_mhc.carry import carried_streams
 from lightning_mhc.inject import MARKER_KEY
 from lightning_mhc.mhc_block import MHCBlock
 
@@ -98,7 +99,8 @@ def test_llama_style_passes_extra_arguments_and_keeps_tuple_outputs():
     mask = torch.full((16, 16), float("-inf")).triu(1)
     out = layer(hidden, attention_mask=mask, position_embeddings=model.rotary(16), use_cache=False)
     assert isinstance(out, tuple) and out[1] is None
-    assert out[0].shape == (2, 16, 2, 32)
+    assert out[0].shape == (2, 16, 32)
+    assert carried_streams(out[0], "next").shape == (2, 16, 2, 32)
 
 
 def test_unsplittable_block_is_wrapped_whole_with_a_warning_naming_it():

@@ -1,0 +1,83 @@
+"""How the n-stream state travels from one injected block to the next: on the hidden state the block returns.
+
+Every injected block returns an ordinary hidden state of the original shape (the readout of its streams), so code
+that looks at per-block outputs (forward hooks, ``output_hidden_states``, intermediate-feature APIs, code in the
+model's own loop) sees a hidden state equal to the original model's at ``gate_init=0``. The full ``(..., n, C)``
+stream state rides on that tensor as an attribute, and the next injected block takes it from there. Wrappers that
+hand a block an alias of that tensor instead of the tensor itself (FSDP2's input hooks, ``view_as``) are followed
+through ``_base``; a hidden state changed in place between blocks is refused, since its streams no longer match it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_mhc.branches import tensor_version
+
+STREAMS_ATTRIBUTE = "_mhc_streams"
+
+
+class Carried(NamedTuple):
+    """The stream state a block returned, and the version of the returned hidden state at that moment."""
+
+    streams: Tensor
+    version: int
+
+
+def attach_streams(hidden: Tensor, streams: Tensor) -> Tensor:
+    """Put ``streams`` on ``hidden`` (the tensor a block returns) for the next injected block to take."""
+    setattr(hidden, STREAMS_ATTRIBUTE, Carried(streams, tensor_version(hidden)))
+    return hidden
+
+
+def is_alias(tensor: Tensor, of: Tensor) -> bool:
+    """``tensor`` is ``of`` or a view of all of it (same shape, strides and offset)."""
+    if tensor is of:
+        return True
+    return (
+        tensor._base is of
+        and tensor.shape == of.shape
+        and tensor.stride() == of.stride()
+        and tensor.storage_offset() == of.storage_offset()
+    )
+
+
+class _TieToAlias(torch.autograd.Function):
+    """Returns the carried streams unchanged; in backward also hands the alias a zero gradient, so hooks that a
+    wrapper registered on it (FSDP2's post-backward reduce-scatter) fire when this block's backward is done."""
+
+    @staticmethod
+    def forward(ctx, streams: Tensor, alias: Tensor) -> Tensor:
+        ctx.alias_meta = (alias.shape, alias.dtype, alias.device)
+        return streams.view_as(streams)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        shape, dtype, device = ctx.alias_meta
+        return grad, torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+def carried_streams(hidden: Tensor, block_name: str) -> Tensor | None:
+    """The stream state the previous injected block attached to ``hidden`` (or to the tensor it aliases), else
+    ``None``. Raises when ``hidden`` was modified in place after the block returned it."""
+    carried = getattr(hidden, STREAMS_ATTRIBUTE, None)
+    alias_of = None
+    if carried is None and hidden._base is not None and is_alias(hidden, hidden._base):
+        alias_of = hidden._base
+        carried = getattr(alias_of, STREAMS_ATTRIBUTE, None)
+    if carried is None:
+        return None
+    returned = alias_of if alias_of is not None else hidden
+    if tensor_version(returned) != carried.version:
+        raise RuntimeError(
+            f"The hidden state reaching {block_name} was modified in place after the previous injected block "
+            "returned it, so it no longer matches the mHC stream state. Replace the in-place operation between "
+            "the blocks (e.g. `h *= s`) by an out-of-place one inside a block, or inject with blocks= naming a "
+            "stack whose blocks run back to back."
+        )
+    if alias_of is not None and hidden.requires_grad:
+        return _TieToAlias.apply(carried.streams, hidden)
+    return carried.streams
