@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -20,6 +21,13 @@ from lightning_mhc.inject import MARKER_KEY, InjectionReport, apply_mhc
 from lightning_mhc.kernels.dispatch import resolve_backend
 from lightning_mhc.mhc_block import MHCBlock, attach_capture
 from lightning_mhc.monitor import METRIC_KEYS, StabilityMonitor, total_grad_norm
+
+try:  # lightning >= 2.6
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    _AVERAGING_CALLBACKS: tuple[type, ...] = (WeightAveraging, StochasticWeightAveraging)
+except ImportError:
+    _AVERAGING_CALLBACKS = (StochasticWeightAveraging,)
 
 CHECKPOINT_KEY = "mhc"
 # What an injected module cannot change any more: its structure and what its blocks were built with.
@@ -35,6 +43,7 @@ class MHCCallback(L.Callback):
     stage's own step (``training_step`` for fit) on one sample of the first batch, in eval mode without gradients
     and with logging switched off. Every ``log_every_n_steps`` optimizer steps it logs the ``mhc/*`` stability
     metrics (``monitor.METRIC_KEYS``) to every logger of the Trainer, and prints a summary when fitting ends.
+    Weight-averaging callbacks (``EMAWeightAveraging``, ``StochasticWeightAveraging``) average the injected model.
 
     Example::
 
@@ -101,6 +110,7 @@ class MHCCallback(L.Callback):
         example = None if pl_module.example_input_array is not None else _step_runner(trainer, stage)
         self.report = apply_mhc(pl_module, self.config, example_input=example)
         rank_zero_info(str(self.report))
+        _recopy_averaged_models(trainer, pl_module, stage)
 
     def _check_same_injection(self, pl_module: L.LightningModule) -> None:
         report = pl_module.mhc_report
@@ -158,6 +168,20 @@ def stability_summary(history: list[dict[str, float]]) -> str:
         if values:
             lines.append(f"  {key:<24} {max(values):>10.4g} / {values[-1]:.4g}")
     return "\n".join(lines)
+
+
+def _recopy_averaged_models(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    """Let weight-averaging callbacks copy the injected module again.
+
+    ``WeightAveraging``/``EMAWeightAveraging`` and ``StochasticWeightAveraging`` copy the module in their ``setup``,
+    which Lightning runs before the module's own ``setup`` and so before the injection, whatever the order of the
+    callbacks: their copy is the plain module (or, for a module that builds its layers in ``configure_model``, an
+    empty one), whose parameters no longer pair with the injected module's. Their ``setup`` copies it afresh.
+    """
+    for callback in trainer.callbacks:
+        average = getattr(callback, "_average_model", None) if isinstance(callback, _AVERAGING_CALLBACKS) else None
+        if isinstance(average, torch.nn.Module) and not _is_injected(average):
+            callback.setup(trainer, pl_module, stage)
 
 
 def _store_mhc_on_save(module: L.LightningModule, config: MHCConfig) -> None:

@@ -1,9 +1,12 @@
 """MHCCallback combined with the Lightning features people use beside it (issue 9: items 6, 8, 9, 10, 11)."""
 
+import copy
+
+import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lit_models import LitLM, token_loader, trainer
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
+from lit_models import LazyLitLM, LitLM, token_loader, trainer
 
 from lightning_mhc import MHCCallback, load_from_checkpoint
 from lightning_mhc.callback import CHECKPOINT_KEY
@@ -73,3 +76,58 @@ def test_weights_only_checkpoint_without_the_plan_points_to_apply_mhc(tmp_path):
         trainer(max_steps=5, callbacks=[MHCCallback(streams=4, readout="learned")]).fit(
             LitLM("llama", depth=2), token_loader(), ckpt_path=tmp_path / "old.ckpt"
         )
+
+
+# item 9: weight averaging copies the module in its setup, before the injection
+
+
+class LiveWeightsAtTrainEnd(L.Callback):
+    """Listed first, so it sees the live weights before an averaging callback copies its average into the module."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.live = copy.deepcopy(pl_module.state_dict())
+
+
+AVERAGING = {
+    "ema": lambda: EMAWeightAveraging(decay=0.8),
+    "swa": lambda: StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1),
+}
+
+
+@pytest.mark.parametrize("module_class", [LitLM, LazyLitLM])
+@pytest.mark.parametrize("mhc_first", [True, False], ids=["mhc_first", "averaging_first"])
+@pytest.mark.parametrize("averaging", sorted(AVERAGING))
+def test_weight_averaging_averages_the_injected_model(averaging, mhc_first, module_class):
+    torch.manual_seed(0)
+    model = module_class()
+    average, live = AVERAGING[averaging](), LiveWeightsAtTrainEnd()
+    mhc = MHCCallback(streams=4)
+    run = trainer(max_epochs=3, callbacks=[live, *([mhc, average] if mhc_first else [average, mhc])])
+    run.fit(model, token_loader(), val_dataloaders=token_loader(samples=4))  # validation swaps EMA weights in/out
+    averaged = average._average_model
+    averaged = averaged.module if averaging == "ema" else averaged
+    assert len(_blocks(averaged)) == 3
+    assert averaging == "ema" or average.n_averaged.item() > 1
+    # the module now holds the average (copied at train end), which differs from the live weights, mHC included
+    final = model.state_dict()
+    for name, value in averaged.state_dict().items():
+        torch.testing.assert_close(final[name], value, rtol=0, atol=0, msg=name)
+    hyper = [k for k in final if ".hyper." in k and final[k].is_floating_point()]
+    assert hyper and any(not torch.equal(final[k], live.live[k]) for k in hyper)
+    model.eval()
+    assert torch.isfinite(model(next(iter(token_loader()))[0][:, :-1])).all()
+
+
+def test_ema_checkpoint_reloads_the_average_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    model = LitLM()
+    run = trainer(max_steps=5, callbacks=[MHCCallback(streams=4), EMAWeightAveraging(decay=0.8)])
+    run.fit(model, token_loader())
+    run.save_checkpoint(tmp_path / "ema.ckpt")
+    reloaded = load_from_checkpoint(LitLM, str(tmp_path / "ema.ckpt"))
+    tokens = next(iter(token_loader()))[0][:, :-1]
+    model.eval(), reloaded.eval()
+    torch.testing.assert_close(reloaded(tokens), model(tokens), rtol=0, atol=0)
+    trainer(max_steps=7, callbacks=[EMAWeightAveraging(decay=0.8), MHCCallback(streams=4)]).fit(
+        LitLM(), token_loader(), ckpt_path=tmp_path / "ema.ckpt"
+    )
