@@ -18,15 +18,31 @@ from torch.overrides import TorchFunctionMode
 _ADDITIONS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__iadd__}
 
 
+def is_alias(tensor: Tensor, of: Tensor) -> bool:
+    """``tensor`` is ``of`` or a view of all of it (same shape, strides and offset), as the inputs that FSDP2's
+    hooks hand a sharded module (not followed under torch.compile)."""
+    if tensor is of:
+        return True
+    return (
+        not torch.compiler.is_compiling()
+        and tensor._base is of
+        and tensor.shape == of.shape
+        and tensor.stride() == of.stride()
+        and tensor.storage_offset() == of.storage_offset()
+    )
+
+
 def _branch_output(residual: Tensor | None, func: Any, args: tuple, kwargs: dict) -> Tensor | None:
     """``F`` when ``func(*args)`` is ``residual + F`` (either order), else ``None``."""
     if residual is None or func not in _ADDITIONS or len(args) != 2:
         return None
     first, second = args
-    if first is residual and isinstance(second, Tensor):
+    if not (isinstance(first, Tensor) and isinstance(second, Tensor)):
+        return None
+    if is_alias(first, residual):
         alpha = kwargs.get("alpha", 1)
         return second if alpha == 1 else second * alpha
-    if second is residual and isinstance(first, Tensor) and "alpha" not in kwargs:
+    if is_alias(second, residual) and "alpha" not in kwargs:
         return first
     return None
 

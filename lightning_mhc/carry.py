@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_mhc.branches import tensor_version
+from lightning_mhc.branches import is_alias, tensor_version
 
 STREAMS_ATTRIBUTE = "_mhc_streams"
 
@@ -31,18 +31,6 @@ def attach_streams(hidden: Tensor, streams: Tensor) -> Tensor:
     """Put ``streams`` on ``hidden`` (the tensor a block returns) for the next injected block to take."""
     setattr(hidden, STREAMS_ATTRIBUTE, Carried(streams, tensor_version(hidden)))
     return hidden
-
-
-def is_alias(tensor: Tensor, of: Tensor) -> bool:
-    """``tensor`` is ``of`` or a view of all of it (same shape, strides and offset)."""
-    if tensor is of:
-        return True
-    return (
-        tensor._base is of
-        and tensor.shape == of.shape
-        and tensor.stride() == of.stride()
-        and tensor.storage_offset() == of.storage_offset()
-    )
 
 
 class _TieToAlias(torch.autograd.Function):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Union
 
 import torch
@@ -152,8 +153,28 @@ def apply_mhc(
         )
     module.register_state_dict_post_hook(_add_marker)
     module.register_load_state_dict_pre_hook(_drop_marker)
+    _refuse_save_pretrained(module)
     module.mhc_report = report
     return report
+
+
+def _refuse_save_pretrained(module: nn.Module) -> None:
+    """Make ``save_pretrained`` of every Hugging Face model in ``module`` raise: ``from_pretrained`` would load the
+    files as the plain model, silently dropping mHC."""
+    for m in module.modules():
+        if callable(getattr(m, "save_pretrained", None)) and callable(getattr(m, "from_pretrained", None)):
+            m.save_pretrained = partial(_save_pretrained_refused, type(m).__name__)
+            if callable(getattr(m, "push_to_hub", None)):
+                m.push_to_hub = partial(_save_pretrained_refused, type(m).__name__)
+
+
+def _save_pretrained_refused(name: str, *args: Any, **kwargs: Any) -> None:
+    raise RuntimeError(
+        f"{name} has mHC injected; save_pretrained would write files that {name}.from_pretrained loads as the "
+        "plain model, without mHC and computing something else. Save a Lightning checkpoint (or "
+        "torch.save(model.state_dict())) and reload it with lightning_mhc.load_from_checkpoint(...) (or build the "
+        "plain model, apply_mhc(model, config, plan=model.mhc_report.plan()) and load_state_dict)."
+    )
 
 
 def _add_marker(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

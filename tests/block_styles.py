@@ -233,3 +233,97 @@ def param_formula(dim, streams, branches, mode="mhc", readout="mean"):
     n = streams
     per_branch = (n * dim * (n * n + 2 * n) if mode == "mhc" else dim * (n + 2)) + 3 + n * n + 2 * n
     return branches * per_branch + (n if readout == "learned" else 0)
+
+
+# Parallel attention + MLP (GPT-J / NeoX / litgpt parallel_residual): both branches read the block input.
+class ParallelBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2, self.mlp = nn.LayerNorm(dim), SelfAttention(dim), nn.LayerNorm(dim), _mlp(dim)
+
+    def forward(self, x):
+        return x + self.attn(self.ln_1(x)) + self.mlp(self.ln_2(x))
+
+
+# In-place residual: x += f(x)
+class InplaceBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.ln, self.mlp = nn.LayerNorm(dim), _mlp(dim)
+
+    def forward(self, x):
+        x += self.mlp(self.ln(x))
+        return x
+
+
+class TokenStack(nn.Module):
+    """Embedding, a list of blocks run in a plain loop, head."""
+
+    def __init__(self, block, dim=32, depth=3):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.layers = nn.ModuleList(block(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+# timm ResNet BasicBlock: x = bn2(conv2(act1(bn1(conv1(x))))); x += shortcut; x = act2(x)  (NCHW)
+class BasicBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        x += shortcut
+        return self.act2(x)
+
+
+# timm ConvNeXt block: depthwise conv on NCHW, then channels-last norm + MLP, layer scale, x = drop_path(x) + shortcut
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm, self.mlp = nn.LayerNorm(channels), _mlp(channels)
+        self.gamma = nn.Parameter(0.1 * torch.ones(channels))
+        self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_dw(x).permute(0, 2, 3, 1)
+        x = self.mlp(self.norm(x)) * self.gamma
+        return x.permute(0, 3, 1, 2) + self.shortcut(shortcut)
+
+
+class ConvNet(nn.Module):
+    """Stem, one stage of same-shape conv blocks (NCHW), pooled head; ``forward_intermediates`` like timm's."""
+
+    def __init__(self, block, channels=16, depth=3, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.Sequential(*(block(channels) for _ in range(depth)))
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, images):
+        return self.head(self.blocks(self.stem(images)).mean((2, 3)))
+
+    def forward_intermediates(self, images):
+        x, intermediates = self.stem(images), []
+        for block in self.blocks:
+            x = block(x)
+            intermediates.append(x)
+        return intermediates
+
+
+def rgb_batch(seed=0, batch=2, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g)
