@@ -41,7 +41,8 @@ class MHCCallback(L.Callback):
     optimizers exist and before a checkpoint is restored; stores its config and injection plan in checkpoints.
     To find the block stack it runs the module once: ``forward(example_input_array)`` when that is set, else the
     stage's own step (``training_step`` for fit) on one sample of the first batch, in eval mode without gradients
-    and with logging switched off. Every ``log_every_n_steps`` optimizer steps it logs the ``mhc/*`` stability
+    and with logging switched off. With manual optimization, set ``example_input_array`` (``training_step`` steps the
+    optimizers, which do not exist yet). Every ``log_every_n_steps`` optimizer steps it logs the ``mhc/*`` stability
     metrics (``monitor.METRIC_KEYS``) to every logger of the Trainer, and prints a summary when fitting ends.
     Weight-averaging callbacks (``EMAWeightAveraging``, ``StochasticWeightAveraging``) average the injected model.
 
@@ -107,7 +108,19 @@ class MHCCallback(L.Callback):
     def _inject(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if _is_injected(pl_module):
             return
-        example = None if pl_module.example_input_array is not None else _step_runner(trainer, stage)
+        if pl_module.example_input_array is not None:
+            example = None  # apply_mhc runs forward(example_input_array)
+        elif stage == "fit" and not pl_module.automatic_optimization:
+            raise ValueError(
+                f"{type(pl_module).__name__} uses manual optimization (automatic_optimization = False), so "
+                "MHCCallback cannot find the block stack by running training_step once: that step calls "
+                "self.optimizers(), which do not exist yet (mHC must add its parameters before the optimizers are "
+                "built). Set self.example_input_array to an input of forward (in __init__ or setup) and the callback "
+                "probes with forward(example_input_array) instead; or inject before fitting with "
+                "lightning_mhc.apply_mhc(model, MHCConfig(...), example_input=...)."
+            )
+        else:
+            example = _step_runner(trainer, stage)
         self.report = apply_mhc(pl_module, self.config, example_input=example)
         rank_zero_info(str(self.report))
         _recopy_averaged_models(trainer, pl_module, stage)

@@ -49,6 +49,27 @@ class LazyLitLM(LitLM):
             self.model = MODELS[self.hparams.arch](depth=self.hparams.depth)
 
 
+class ManualLitLM(LitLM):
+    """Manual optimization: training_step fetches and steps its optimizer itself."""
+
+    def __init__(self, arch: str = "nanogpt", depth: int = 3, lr: float = 3e-3, example: bool = False):
+        super().__init__(arch, depth, lr)
+        self.automatic_optimization = False
+        if example:
+            self.example_input_array = torch.zeros(1, 16, dtype=torch.long)
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        (tokens,) = batch
+        logits = self(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.losses.append(loss.item())
+        return loss
+
+
 def token_loader(samples=16, batch_size=4, seq=17, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (samples, seq), generator=g)

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
-from lit_models import LazyLitLM, LitLM, token_loader, trainer
+from lit_models import LazyLitLM, LitLM, ManualLitLM, token_loader, trainer
 
 from lightning_mhc import MHCCallback, load_from_checkpoint
 from lightning_mhc.callback import CHECKPOINT_KEY
@@ -131,3 +131,19 @@ def test_ema_checkpoint_reloads_the_average_and_resumes(tmp_path):
     trainer(max_steps=7, callbacks=[EMAWeightAveraging(decay=0.8), MHCCallback(streams=4)]).fit(
         LitLM(), token_loader(), ckpt_path=tmp_path / "ema.ckpt"
     )
+
+
+# item 11: manual optimization
+
+
+def test_manual_optimization_probes_with_forward_when_example_input_array_is_set():
+    torch.manual_seed(0)
+    model = ManualLitLM(example=True)
+    trainer(max_steps=12, callbacks=[MHCCallback(streams=4)]).fit(model, token_loader())
+    assert len(_blocks(model)) == 3 and len(model.losses) == 12
+    assert sum(model.losses[-4:]) < sum(model.losses[:4])
+
+
+def test_manual_optimization_without_example_input_array_is_refused_with_what_to_set():
+    with pytest.raises(ValueError, match=r"manual optimization.*Set self\.example_input_array"):
+        trainer(max_steps=1, callbacks=[MHCCallback(streams=4)]).fit(ManualLitLM(), token_loader())
