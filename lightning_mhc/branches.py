@@ -19,16 +19,18 @@ _ADDITIONS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add
 
 
 def is_alias(tensor: Tensor, of: Tensor) -> bool:
-    """``tensor`` is ``of`` or a view of all of it (same shape, strides and offset), as the inputs that FSDP2's
-    hooks hand a sharded module (not followed under torch.compile)."""
+    """``tensor`` is ``of`` or a view of the same data laid out the same way (same base, shape, strides and offset),
+    as the inputs FSDP2's hooks hand a sharded module are (not followed under torch.compile)."""
     if tensor is of:
         return True
+    if torch.compiler.is_compiling() or tensor._base is None:
+        return False
     return (
-        not torch.compiler.is_compiling()
-        and tensor._base is of
+        tensor._base is (of if of._base is None else of._base)
         and tensor.shape == of.shape
         and tensor.stride() == of.stride()
         and tensor.storage_offset() == of.storage_offset()
+        and tensor.dtype == of.dtype
     )
 
 

@@ -15,27 +15,37 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_mhc.branches import is_alias, tensor_version
+from lightning_mhc.branches import tensor_version
 
 STREAMS_ATTRIBUTE = "_mhc_streams"
 
 
 class Carried(NamedTuple):
-    """The stream state a block returned, and the version of the returned hidden state at that moment."""
+    """The stream state a block returned, the version of the returned hidden state then, and its layout."""
 
     streams: Tensor
     version: int
+    layout: tuple
+
+
+def _layout(tensor: Tensor) -> tuple:
+    return tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset(), tensor.dtype
 
 
 def attach_streams(hidden: Tensor, streams: Tensor) -> Tensor:
-    """Put ``streams`` on ``hidden`` (the tensor a block returns) for the next injected block to take."""
-    setattr(hidden, STREAMS_ATTRIBUTE, Carried(streams, tensor_version(hidden)))
+    """Put ``streams`` on ``hidden`` (the tensor a block returns) for the next injected block to take; also on the
+    tensor ``hidden`` is a view of, where views of it (aliases handed over by wrappers) will look for them."""
+    carried = Carried(streams, tensor_version(hidden), () if torch.compiler.is_compiling() else _layout(hidden))
+    setattr(hidden, STREAMS_ATTRIBUTE, carried)
+    if not torch.compiler.is_compiling() and hidden._base is not None:
+        setattr(hidden._base, STREAMS_ATTRIBUTE, carried)
     return hidden
 
 
 class _TieToAlias(torch.autograd.Function):
-    """Returns the carried streams unchanged; in backward also hands the alias a zero gradient, so hooks that a
-    wrapper registered on it (FSDP2's post-backward reduce-scatter) fire when this block's backward is done."""
+    """Returns the carried streams unchanged; in backward also hands the hidden state they came with a zero
+    gradient, so hooks that a wrapper registered on it (FSDP2's gathers before and reduce-scatters after a sharded
+    block's backward) fire at the right time."""
 
     @staticmethod
     def forward(ctx, streams: Tensor, alias: Tensor) -> Tensor:
@@ -49,23 +59,31 @@ class _TieToAlias(torch.autograd.Function):
 
 
 def carried_streams(hidden: Tensor, block_name: str) -> Tensor | None:
-    """The stream state the previous injected block attached to ``hidden`` (or to the tensor it aliases), else
-    ``None``. Raises when ``hidden`` was modified in place after the block returned it."""
+    """The stream state the previous injected block attached to ``hidden`` (or to an alias of it: a view of the
+    same data with the same layout), else ``None``. Raises when ``hidden`` was modified in place after the block
+    returned it."""
     carried = getattr(hidden, STREAMS_ATTRIBUTE, None)
-    alias_of = None
-    if carried is None and hidden._base is not None and is_alias(hidden, hidden._base):
-        alias_of = hidden._base
-        carried = getattr(alias_of, STREAMS_ATTRIBUTE, None)
+    aliased = False
+    if carried is None and not torch.compiler.is_compiling() and hidden._base is not None:
+        carried = getattr(hidden._base, STREAMS_ATTRIBUTE, None)
+        if carried is None or carried.layout != _layout(hidden):
+            return None
+        aliased = True
     if carried is None:
         return None
-    returned = alias_of if alias_of is not None else hidden
-    if tensor_version(returned) != carried.version:
+    if tensor_version(hidden) != carried.version:
         raise RuntimeError(
             f"The hidden state reaching {block_name} was modified in place after the previous injected block "
             "returned it, so it no longer matches the mHC stream state. Replace the in-place operation between "
             "the blocks (e.g. `h *= s`) by an out-of-place one inside a block, or inject with blocks= naming a "
             "stack whose blocks run back to back."
         )
-    if alias_of is not None and hidden.requires_grad:
+    if hidden.requires_grad and (aliased or _has_backward_hooks(hidden)):
         return _TieToAlias.apply(carried.streams, hidden)
     return carried.streams
+
+
+def _has_backward_hooks(tensor: Tensor) -> bool:
+    """Whether a wrapper registered gradient hooks on ``tensor`` (FSDP2 does on a sharded module's outputs, to
+    gather its parameters before their backward), which must fire although its gradient flows via the streams."""
+    return not torch.compiler.is_compiling() and bool(tensor._backward_hooks)

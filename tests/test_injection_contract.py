@@ -208,3 +208,33 @@ def test_save_pretrained_of_an_injected_hugging_face_model_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="load_from_checkpoint"):
         model.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shard", ["inner blocks", "injected blocks"])
+def test_fully_sharded_blocks_give_the_unsharded_gradients(gloo_group, shard):
+    """FSDP2 hands a sharded module views of its inputs and gathers its weights from hooks on its outputs."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = NanoGPT()
+    apply_mhc(model, MHCConfig(streams=4, gate_init=0.01), example_input=lm_batch())
+    reference = copy.deepcopy(model)
+    target = NanoGPTBlock if shard == "inner blocks" else MHCBlock
+    for module in [m for m in model.modules() if isinstance(m, target)]:
+        fully_shard(module)
+    fully_shard(model)
+    x = lm_batch(1)
+    for m in (model, reference):
+        F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=0, atol=0, msg=name)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
