@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -108,8 +111,10 @@ class MHCCallback(L.Callback):
     def _inject(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if _is_injected(pl_module):
             return
+        device_before = pl_module.device
+        like_training = _prepare_like_training(trainer, pl_module)
         if pl_module.example_input_array is not None:
-            example = None  # apply_mhc runs forward(example_input_array)
+            example = _converted_example(trainer, pl_module) if like_training else None  # None: apply_mhc's own
         elif stage == "fit" and not pl_module.automatic_optimization:
             raise ValueError(
                 f"{type(pl_module).__name__} uses manual optimization (automatic_optimization = False), so "
@@ -120,10 +125,11 @@ class MHCCallback(L.Callback):
                 "lightning_mhc.apply_mhc(model, MHCConfig(...), example_input=...)."
             )
         else:
-            example = _step_runner(trainer, stage)
-        self.report = apply_mhc(pl_module, self.config, example_input=example)
+            example = _step_runner(trainer, stage, convert_input=like_training)
+        with _step_context(trainer, stage) if like_training else nullcontext():
+            self.report = apply_mhc(pl_module, self.config, example_input=example)
         rank_zero_info(str(self.report))
-        _recopy_averaged_models(trainer, pl_module, stage)
+        _recopy_averaged_models(trainer, pl_module, stage, device_before)
 
     def _check_same_injection(self, pl_module: L.LightningModule) -> None:
         report = pl_module.mhc_report
@@ -183,7 +189,44 @@ def stability_summary(history: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _recopy_averaged_models(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+def _prepare_like_training(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    """Convert the module to the training precision and move it to its training device, so that the probe runs as
+    training will (a bf16-true model in bf16, a GPU model on its GPU, each DDP rank on its own device).
+
+    Only where Lightning would do exactly this right after ``setup`` anyway (single-device and DDP-like strategies);
+    sharded strategies (FSDP, ModelParallel, DeepSpeed) convert and place the module their own way, where it may not
+    fit on one device or still be on the meta device, so the probe runs where the module is. Returns whether it did.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+        return False
+    if any(p.is_meta for p in pl_module.parameters()):
+        return False
+    trainer.precision_plugin.convert_module(pl_module)
+    pl_module.to(strategy.root_device)
+    return True
+
+
+def _step_context(trainer: L.Trainer, stage: str) -> AbstractContextManager:
+    """The precision plugin's context for the stage's step (autocast, default dtype...), as the loops use it."""
+    plugin = trainer.precision_plugin
+    return {
+        "fit": plugin.train_step_context,
+        "validate": plugin.val_step_context,
+        "test": plugin.test_step_context,
+        "predict": plugin.predict_step_context,
+    }[stage]()
+
+
+def _converted_example(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+    """``example_input_array`` converted to the training precision and moved to the module's device."""
+    example = trainer.precision_plugin.convert_input(pl_module.example_input_array)
+    return move_data_to_device(example, pl_module.device)
+
+
+def _recopy_averaged_models(
+    trainer: L.Trainer, pl_module: L.LightningModule, stage: str, device_before: torch.device
+) -> None:
     """Let weight-averaging callbacks copy the injected module again.
 
     ``WeightAveraging``/``EMAWeightAveraging`` and ``StochasticWeightAveraging`` copy the module in their ``setup``,
@@ -195,6 +238,9 @@ def _recopy_averaged_models(trainer: L.Trainer, pl_module: L.LightningModule, st
         average = getattr(callback, "_average_model", None) if isinstance(callback, _AVERAGING_CALLBACKS) else None
         if isinstance(average, torch.nn.Module) and not _is_injected(average):
             callback.setup(trainer, pl_module, stage)
+            # Where their first copy was: the module's device at their setup, before the probe moved the module.
+            if isinstance(callback, StochasticWeightAveraging) or getattr(callback, "_device", None) is None:
+                callback._average_model.to(device_before)
 
 
 def _store_mhc_on_save(module: L.LightningModule, config: MHCConfig) -> None:
@@ -288,8 +334,12 @@ def _first_sample(batch: Any) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t[:1])
 
 
-def _step_runner(trainer: L.Trainer, stage: str):
-    """A probe that runs the module's own step on one sample of the stage's first batch, logging switched off."""
+def _step_runner(trainer: L.Trainer, stage: str, convert_input: bool = False):
+    """A probe that runs the module's own step on one sample of the stage's first batch, logging switched off.
+
+    The sample goes the way the loops send a batch: precision conversion (with ``convert_input``), the module's
+    batch-transfer hooks, the module's device.
+    """
     loop, step = {
         "fit": (trainer.fit_loop, "training_step"),
         "validate": (trainer.validate_loop, "validation_step"),
@@ -307,7 +357,11 @@ def _step_runner(trainer: L.Trainer, stage: str):
                 f"{stage!r}; set example_input_array on your LightningModule or pass dataloaders to the Trainer."
             )
         device = next(pl_module.parameters()).device
-        batch = apply_to_collection(_first_sample(next(iter(dataloader))), Tensor, lambda t: t.to(device))
+        batch = _first_sample(next(iter(dataloader)))
+        if convert_input:
+            batch = trainer.precision_plugin.convert_input(batch)
+        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+        batch = pl_module._apply_batch_transfer_handler(batch, device=device, dataloader_idx=0)
         pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None
         try:
             getattr(pl_module, step)(batch, 0)

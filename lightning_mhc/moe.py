@@ -447,6 +447,12 @@ def _megablocks_class() -> type[nn.Module]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             shape = x.shape
             tokens = common.cast_if_autocast_enabled(x).reshape(-1, shape[-1])
+            if tokens.device.type != "cuda" or self.experts.mlp.w1.device.type != "cuda":
+                raise RuntimeError(
+                    f"MegaBlocks' kernels run on CUDA only, got input on {tokens.device} and weights on "
+                    f"{self.experts.mlp.w1.device}; move the module to a GPU (Lightning does so when fitting on "
+                    "accelerator='gpu'), or build with backend='torch'."
+                )
             if tokens.dtype != torch.bfloat16 or self.experts.mlp.w1.dtype != torch.bfloat16:
                 raise RuntimeError(
                     "MegaBlocks' grouped GEMM supports bfloat16 only, got input "
@@ -484,7 +490,11 @@ def _build_megablocks(config: MoEConfig, device: Optional[torch.device], dtype: 
         )
     from megablocks.layers.arguments import DEFAULT_ACTIVATION_FN, Arguments
 
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    # Not cuda:current_device(): a module built in __init__ is built before Lightning picks each rank's GPU, when every
+    # rank's current device is cuda:0. Like any torch module, build on the default device (CPU, or the device that
+    # trainer.init_module() / `with torch.device(...)` sets) and let the strategy move it (MegaBlocks uses
+    # args.device only to create parameters; its forward follows the input's device).
+    device = torch.get_default_device() if device is None else torch.device(device)
     dtype = torch.get_default_dtype() if dtype is None else dtype
     init = functools.partial(nn.init.normal_, mean=0.0, std=config.init_std)
     args = Arguments(
@@ -528,7 +538,8 @@ def build_moe(
         backend: ``"megablocks"`` (MegaBlocks dMoE, CUDA and bf16 only), ``"torch"`` (:class:`TorchDroplessMoE`) or
             ``"auto"``: MegaBlocks when it imports, CUDA is available, the target device is CUDA and the parameter
             dtype (``dtype`` or the default dtype) is bfloat16; the torch backend otherwise.
-        device: where the parameters live (MegaBlocks: the current CUDA device when ``None``).
+        device: where the parameters are created (the default device when ``None``, CPU unless inside
+            ``trainer.init_module()`` or a ``torch.device`` context; Lightning moves them to each rank's device).
         dtype: parameter dtype (the default dtype when ``None``).
 
     Raises:

@@ -147,3 +147,31 @@ def test_manual_optimization_probes_with_forward_when_example_input_array_is_set
 def test_manual_optimization_without_example_input_array_is_refused_with_what_to_set():
     with pytest.raises(ValueError, match=r"manual optimization.*Set self\.example_input_array"):
         trainer(max_steps=1, callbacks=[MHCCallback(streams=4)]).fit(ManualLitLM(), token_loader())
+
+
+# item 10: the probe runs the way training will (precision, device)
+
+
+class Bf16Only(LitLM):
+    """Refuses to run unless converted to bf16 and called under the bf16-true forward context, as training does."""
+
+    def __init__(self, example: bool = False):
+        super().__init__()
+        if example:
+            self.example_input_array = torch.zeros(1, 16, dtype=torch.long)
+
+    def forward(self, tokens):
+        dtypes = {p.dtype for p in self.parameters()}
+        if dtypes != {torch.bfloat16} or torch.get_default_dtype() != torch.bfloat16:
+            raise RuntimeError(f"not run as bf16-true trains: weights {dtypes}, default {torch.get_default_dtype()}")
+        return super().forward(tokens)
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["training_step_probe", "forward_probe"])
+def test_probe_runs_in_the_training_precision(example):
+    torch.manual_seed(0)
+    model = Bf16Only(example)
+    trainer(max_steps=2, precision="bf16-true", callbacks=[MHCCallback(streams=4)]).fit(model, token_loader())
+    assert len(_blocks(model)) == 3
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(model.losses)))
