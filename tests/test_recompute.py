@@ -90,7 +90,7 @@ def test_unsplittable_blocks_recompute_too():
         torch.manual_seed(0)
         model = UnsplittableNet()
         config = MHCConfig(gate_init=0.3, recompute=recompute, recompute_layers=2)
-        with pytest.warns(UserWarning, match="wrapping the whole block"):
+        with pytest.warns(UserWarning, match="whole as one branch"):
             apply_mhc(model, config, example_input=lm_batch())
         models.append(model)
     tokens = lm_batch(1)
