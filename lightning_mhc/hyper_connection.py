@@ -18,19 +18,21 @@ from lightning_mhc.config import MHCConfig
 from lightning_mhc.kernels import reference
 from lightning_mhc.kernels.dispatch import KernelOps, get_ops, resolve_backend
 from lightning_mhc.kernels.reference import Coefficients
+from lightning_mhc.precision import Float32Parameters
 
 
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-class HyperConnection(nn.Module):
+class HyperConnection(Float32Parameters):
     """Learned pre/post/res maps for one residual branch of width ``dim``.
 
     Initialised to preserve the wrapped function: ``H_pre = 1/n``, ``H_post = 1`` and a (doubly) stochastic
     ``H_res``, so identical streams stay identical and the mean readout equals the plain residual when
     ``gate_init = 0``. ``phi`` starts small and random so the streams' symmetry can break.
-    With one stream (or ``mode="residual"``) it is exactly the plain residual and has no parameters.
+    With one stream (or ``mode="residual"``) it is exactly the plain residual and has no parameters. Its
+    parameters stay float32 when the model is cast to half precision (``bf16-true``), as the paper keeps them.
     """
 
     def __init__(self, dim: int, config: MHCConfig) -> None:
@@ -77,13 +79,16 @@ class HyperConnection(nn.Module):
         if self.mode == "residual":
             return x.squeeze(-2), None
         coeffs = self.coefficients(x, capture)
-        return self._ops(x).pre_mix(x, coeffs.h_pre), coeffs
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._ops(x).pre_mix(x, coeffs.h_pre), coeffs
 
     def write(self, x: Tensor, branch_out: Tensor, coeffs: Coefficients | None) -> Tensor:
-        """New streams ``H_res · x + H_post^T · F``."""
+        """New streams ``H_res · x + H_post^T · F``, in the dtype of ``x`` (autocast off: the stream is never
+        rounded to autocast's lower precision, only F is)."""
         if self.mode == "residual":
             return x + branch_out.unsqueeze(-2)
-        return self._ops(x).merge(x, branch_out, coeffs.h_res, coeffs.h_post)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._ops(x).merge(x, branch_out, coeffs.h_res, coeffs.h_post)
 
     def forward(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
         h, coeffs = self.read(x)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mhc.config import READOUTS
+from lightning_mhc.precision import Float32Parameters
 
 
 def expand_streams(hidden: Tensor, streams: int) -> Tensor:
@@ -15,7 +16,7 @@ def expand_streams(hidden: Tensor, streams: int) -> Tensor:
     return hidden.unsqueeze(-2).expand(*hidden.shape[:-1], streams, hidden.shape[-1])
 
 
-class StreamReadout(nn.Module):
+class StreamReadout(Float32Parameters):
     """Reduce ``(..., n, C)`` streams to ``(..., C)``.
 
     ``mean`` keeps the original model's function when streams are identical; ``sum`` is the HC paper's;
