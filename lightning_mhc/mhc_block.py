@@ -201,11 +201,18 @@ class MHCBlock(nn.Module):
             return False
         return isinstance(self.block, CheckpointWrapper) or _is_hf_checkpointing_layer(self.block)
 
+    def _checkpointed(self) -> bool:
+        """Whether activation checkpointing (ours, or the user's around this block: its saved-tensor hooks are
+        active) already keeps this block's activations out of memory, so selective recomputation must not."""
+        if self._checkpoints():
+            return True
+        return not torch.compiler.is_compiling() and _saved_tensor_hooks_active()
+
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         hidden, with_hidden = take_hidden(args, kwargs)
         streams = self._streams_in(hidden)
         chain = None
-        if self.recompute_layers is not None and torch.is_grad_enabled() and not self._checkpoints():
+        if self.recompute_layers is not None and torch.is_grad_enabled() and not self._checkpointed():
             chain = RecomputeChain(self.recompute_layers)
             if not self.first:
                 chain = RecomputeChain.take(streams, chain)
@@ -295,6 +302,10 @@ class MHCBlock(nn.Module):
 
 
 _CACHE_ARGUMENTS = ("cache", "layer_past", "past_key_values")
+
+
+def _saved_tensor_hooks_active() -> bool:
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def _is_own_attribute(module: nn.Module, name: str) -> bool:

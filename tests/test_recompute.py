@@ -237,3 +237,33 @@ def test_nothing_outlives_backward():
         _, after = retained_bytes(lambda model=model: _loss("nanogpt", model).backward())
         kept.append(after)
     assert kept[1] == kept[0]
+
+
+class CheckpointedNanoGPT(NanoGPT):
+    """The user's own activation checkpointing around every block."""
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return self.lm_head(self.transformer.ln_f(x))
+
+
+def test_recompute_under_the_users_checkpointing_keeps_no_more_memory_and_the_same_gradients():
+    kept, grads = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = CheckpointedNanoGPT(dim=DIM, depth=DEPTH, seq=SEQ)
+        config = MHCConfig(streams=STREAMS, gate_init=0.3, recompute=recompute, recompute_layers=2)
+        apply_mhc(model, config, example_input=lm_batch(batch=1, seq=SEQ))
+        tokens = lm_batch(seed=1, batch=BATCH, seq=SEQ)
+        loss, retained = retained_bytes(
+            lambda m=model, t=tokens: F.cross_entropy(m(t).flatten(0, 1), t.flatten())
+        )
+        loss.backward()
+        kept.append(retained)
+        grads.append([p.grad for p in model.parameters()])
+    assert kept[1] == kept[0]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
