@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_mhc import MHCConfig, apply_mhc
 from lightning_mhc.mhc_block import MHCBlock
+from lightning_mhc.monitor import total_grad_norm
 
 
 def _injected(model, example, **config):
@@ -237,4 +238,41 @@ def test_fully_sharded_blocks_give_the_unsharded_gradients(gloo_group, shard):
         F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=0, atol=0, msg=name)
+    assert total_grad_norm(model) == pytest.approx(total_grad_norm(reference), rel=1e-6)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+
+def _sharded_grad_norm_worker(rank, world, init_file, results):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = NanoGPT()
+        apply_mhc(model, MHCConfig(streams=4, gate_init=0.01), example_input=lm_batch())
+        for block in model.transformer.h:  # the blocks only: DTensor and plain gradients side by side
+            fully_shard(block)
+        x = lm_batch(1)  # the same batch on both ranks: the mean gradient is the one-process gradient
+        F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        norm = total_grad_norm(model)
+        if rank == 0:
+            torch.save(norm, results)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_grad_norm_of_sharded_gradients_is_the_global_norm(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = str(tmp_path / "norm.pt")
+    mp.spawn(_sharded_grad_norm_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = NanoGPT()
+    apply_mhc(model, MHCConfig(streams=4, gate_init=0.01), example_input=lm_batch())
+    x = lm_batch(1)
+    F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    assert torch.load(results) == pytest.approx(total_grad_norm(model), rel=1e-5)
