@@ -43,15 +43,24 @@ def mhc_logits(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor) -> Tensor:
 
 
 def hc_logits(x: Tensor, theta: Tensor, alpha: Tensor, bias: Tensor) -> Tensor:
-    """HC paper's dynamic maps (mHC Eq. 5): ``alpha * tanh(RMSNorm(x_i) @ theta) + b`` per stream ``i``.
+    """HC's dynamic maps as the mHC paper writes them (Eq. 5), with ``x~ = RMSNorm(x)`` per stream (``n x C``):
 
-    ``theta``: ``(C, n + 2)`` (columns: pre, post, res row); returns fp32 logits in the mHC layout.
+        H_pre  = alpha_pre  * tanh(theta_pre  x~^T) + b_pre       theta_pre:  1 x C  ->  1 x n
+        H_post = alpha_post * tanh(theta_post x~^T) + b_post      theta_post: 1 x C  ->  1 x n
+        H_res  = alpha_res  * tanh(theta_res  x~^T) + b_res       theta_res:  n x C  ->  n x n
+
+    so ``H_res[i, j] = alpha_res * tanh(theta_res[i] . x~_j) + b_res[i, j]``: column ``j`` is driven by stream
+    ``j``'s content and row ``i`` (output stream ``i``) by its own weight vector ``theta_res[i]`` (in HC's own
+    notation ``A_r(H)[j, i]``, since HC mixes with ``A_r^T``). ``theta``: ``(C, n + 2)`` with columns
+    ``[theta_pre | theta_post | theta_res[0] .. theta_res[n-1]]``; returns fp32 logits in the mHC layout
+    ``[pre (n) | post (n) | res (n*n, row-major)]``. No activation follows for HC (``coefficients_from_logits``).
     """
     xf = at_least_fp32(x)
     normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + RMS_EPS)
-    t = torch.tanh(normed @ theta.to(xf.dtype))  # (..., n, n + 2)
+    t = torch.tanh(normed @ theta.to(xf.dtype))  # (..., n, n + 2): t[..., j, 2 + i] = tanh(theta_res[i] . x~_j)
     a = alpha.to(xf.dtype)
-    dynamic = torch.cat([a[0] * t[..., 0], a[1] * t[..., 1], a[2] * t[..., 2:].flatten(-2)], dim=-1)
+    res = t[..., 2:].transpose(-1, -2)  # res[..., i, j] = tanh(theta_res[i] . x~_j)
+    dynamic = torch.cat([a[0] * t[..., 0], a[1] * t[..., 1], a[2] * res.flatten(-2)], dim=-1)
     return dynamic + bias.to(xf.dtype)
 
 
