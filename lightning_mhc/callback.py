@@ -40,8 +40,10 @@ BAKED_IN_FIELDS = (*STRUCTURAL_FIELDS, "kernels", "recompute", "recompute_layers
 class MHCCallback(L.Callback):
     """Widen the residual stream of the model's block stack into ``streams`` mixed streams (mHC).
 
-    Injects in ``setup()`` (or right after ``configure_model`` when the module builds its layers there), before
-    optimizers exist and before a checkpoint is restored; stores its config and injection plan in checkpoints.
+    Injects after the module's own ``setup()`` and before ``configure_model`` (so that layers sharded there carry
+    their mHC parameters), or right after ``configure_model`` when the module builds its block stack there (then
+    it must not shard them there: see the error it raises); before optimizers exist and before a checkpoint is
+    restored. Stores its config and injection plan in checkpoints, weights-only ones included.
     To find the block stack it runs the module once: ``forward(example_input_array)`` when that is set, else the
     stage's own step (``training_step`` for fit) on one sample of the first batch, in eval mode without gradients
     and with logging switched off. With manual optimization, set ``example_input_array`` (``training_step`` steps the
@@ -97,9 +99,8 @@ class MHCCallback(L.Callback):
                     "would train mHC weights that never reach your module in the main process. Use strategy='ddp', "
                     "or inject before fitting with lightning_mhc.apply_mhc(model, config, example_input=...)."
                 )
-            # After the module's own setup (which may build its data or layers), and after configure_model.
-            hook = "configure_model" if is_overridden("configure_model", pl_module) else "setup"
-            _run_after(pl_module, hook, partial(self._inject, trainer, pl_module, stage))
+            # After the module's own setup, which may build its data or layers (Lightning runs it after this one).
+            _run_after(pl_module, "setup", partial(self._inject_or_wait, trainer, pl_module, stage))
         # Module-level hooks, not the callback's: Lightning skips callbacks' on_save_checkpoint for weights-only
         # checkpoints (ModelCheckpoint(save_weights_only=True)), but always calls the module's.
         pl_module.on_load_checkpoint = partial(_check_then_load, pl_module, pl_module.on_load_checkpoint, self.config)
@@ -108,9 +109,21 @@ class MHCCallback(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         vars(pl_module).pop("on_load_checkpoint", None)
 
+    def _inject_or_wait(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Inject now, before ``configure_model``, when the block stack exists: a ``configure_model`` that shards or
+        parallelizes the blocks (FSDP2 ``fully_shard``, tensor parallelism) must find them injected, so that the mHC
+        parameters are sharded with their block. Else the module builds its layers in ``configure_model``: inject
+        right after it."""
+        if is_overridden("configure_model", pl_module) and not _has_block_stack(pl_module, self.config):
+            _run_after(pl_module, "configure_model", partial(self._inject, trainer, pl_module, stage))
+        else:
+            self._inject(trainer, pl_module, stage)
+
     def _inject(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if _is_injected(pl_module):
+        if _is_injected(pl_module):  # e.g. apply_mhc in the module's setup or configure_model
+            self._check_same_injection(pl_module)
             return
+        _refuse_sharded(pl_module)
         device_before = pl_module.device
         like_training = _prepare_like_training(trainer, pl_module)
         if pl_module.example_input_array is not None:
@@ -187,6 +200,52 @@ def stability_summary(history: list[dict[str, float]]) -> str:
         if values:
             lines.append(f"  {key:<24} {max(values):>10.4g} / {values[-1]:.4g}")
     return "\n".join(lines)
+
+
+def _has_block_stack(module: torch.nn.Module, config: MHCConfig) -> bool:
+    """Whether the module already holds what the injection looks for: ``config.blocks``, or else a list of at least
+    two blocks of one type (what the automatic search accepts)."""
+    if config.blocks:
+        try:
+            return isinstance(module.get_submodule(config.blocks), (torch.nn.ModuleList, torch.nn.Sequential))
+        except AttributeError:
+            return False
+    return any(
+        isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) and len(m) >= 2 and len({type(b) for b in m}) == 1
+        for m in module.modules()
+    )
+
+
+def _refuse_sharded(module: torch.nn.Module) -> None:
+    """Refuse to inject into a module whose layers are already sharded or parallelized: the mHC parameters would
+    stay plain tensors beside DTensors (their gradients never reduced across ranks, gradient clipping failing on
+    mixed Tensor/DTensor) and the sharded blocks' forward hooks would see rewrapped inputs."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
+
+    found, what = None, ""
+    for name, sub in module.named_modules():
+        if isinstance(sub, (FSDPModule, FullyShardedDataParallel)):
+            found = name or type(module).__name__
+            what = "is already sharded (fully_shard)" if isinstance(sub, FSDPModule) else "is already wrapped in FSDP"
+            break
+    if found is None:
+        found = next((n for n, p in module.named_parameters() if isinstance(p, DTensor)), None)
+        what = "is already a DTensor (sharded or tensor-parallel)"
+    if found is not None:
+        raise RuntimeError(
+            f"MHCCallback must inject mHC before the layers are sharded or parallelized, but {found!r} {what} "
+            "when it injects (right after configure_model, since the block stack did not exist before it). Build the "
+            "layers in __init__ (or setup) and only shard them in configure_model: the callback then injects before "
+            "configure_model, and your fully_shard/parallelize_module calls shard the mHC parameters with their "
+            "blocks. Or, in configure_model, call lightning_mhc.apply_mhc(self, MHCConfig(...), example_input=...) "
+            "after building the layers and before sharding them."
+        )
 
 
 def _prepare_like_training(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:

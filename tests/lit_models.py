@@ -70,6 +70,45 @@ class ManualLitLM(LitLM):
         return loss
 
 
+class ShardedLitLM(LitLM):
+    """Builds its layers in __init__ and shards each block and the root with FSDP2 in configure_model."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+class BuildAndShardLitLM(ShardedLitLM):
+    """Builds its layers in configure_model and shards them there: too late for the callback to inject."""
+
+    def __init__(self, arch: str = "nanogpt", depth: int = 3, lr: float = 3e-3):
+        super().__init__(arch, depth, lr)
+        self.model = None
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = MODELS[self.hparams.arch](depth=self.hparams.depth)
+        super().configure_model()
+
+
+class ApplyThenShardLitLM(BuildAndShardLitLM):
+    """Builds its layers in configure_model, injects with apply_mhc, then shards: the callback adopts the injection."""
+
+    def configure_model(self):
+        from lightning_mhc import MHCConfig, apply_mhc
+
+        if self.model is None:
+            self.model = MODELS[self.hparams.arch](depth=self.hparams.depth)
+            apply_mhc(self, MHCConfig(streams=4), example_input=torch.zeros(1, 16, dtype=torch.long))
+        super().configure_model()
+
+
 def token_loader(samples=16, batch_size=4, seq=17, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (samples, seq), generator=g)

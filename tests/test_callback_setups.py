@@ -1,12 +1,16 @@
 """MHCCallback combined with the Lightning features people use beside it (issue 9: items 6, 8, 9, 10, 11)."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
 from lit_models import LazyLitLM, LitLM, ManualLitLM, token_loader, trainer
+from torch.utils.data import DataLoader, Subset
 
 from lightning_mhc import MHCCallback, load_from_checkpoint
 from lightning_mhc.callback import CHECKPOINT_KEY
@@ -152,6 +156,11 @@ def test_manual_optimization_without_example_input_array_is_refused_with_what_to
 # item 10: the probe runs the way training will (precision, device)
 
 
+def _model_dtypes(module):
+    """Dtypes of the model's own parameters (mHC keeps its few parameters in float32 under bf16-true)."""
+    return {p.dtype for n, p in module.named_parameters() if ".hyper." not in n and "readout" not in n}
+
+
 class Bf16Only(LitLM):
     """Refuses to run unless converted to bf16 and called under the bf16-true forward context, as training does."""
 
@@ -161,7 +170,7 @@ class Bf16Only(LitLM):
             self.example_input_array = torch.zeros(1, 16, dtype=torch.long)
 
     def forward(self, tokens):
-        dtypes = {p.dtype for p in self.parameters()}
+        dtypes = _model_dtypes(self)
         if dtypes != {torch.bfloat16} or torch.get_default_dtype() != torch.bfloat16:
             raise RuntimeError(f"not run as bf16-true trains: weights {dtypes}, default {torch.get_default_dtype()}")
         return super().forward(tokens)
@@ -173,5 +182,62 @@ def test_probe_runs_in_the_training_precision(example):
     model = Bf16Only(example)
     trainer(max_steps=2, precision="bf16-true", callbacks=[MHCCallback(streams=4)]).fit(model, token_loader())
     assert len(_blocks(model)) == 3
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert _model_dtypes(model) == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(model.losses)))
+
+
+# item 8 (callback part): ModelParallelStrategy / FSDP2 sharding in configure_model
+
+
+class ConfigureModelSeesBlocks(LitLM):
+    """Builds its layers in __init__; configure_model (where sharding would happen) records what it finds."""
+
+    def configure_model(self):
+        self.blocks_seen = [type(b).__name__ for b in self.model.transformer.h]
+
+
+def test_injects_before_configure_model_when_the_blocks_exist():
+    model = ConfigureModelSeesBlocks()
+    trainer(max_steps=1, callbacks=[MHCCallback(streams=2)]).fit(model, token_loader())
+    assert model.blocks_seen == ["MHCBlock"] * 3
+    assert "configure_model" not in vars(model) and "setup" not in vars(model)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp2_shards_mhc_with_its_blocks_and_equals_one_process(tmp_path):
+    """Blocks built in __init__ and fully_shard-ed in configure_model: mHC is injected before configure_model, so its
+    parameters are sharded with their blocks (gradients reduced, clipping over DTensors only); the result equals one
+    process accumulating the same two half batches. Building the blocks in configure_model and sharding them there
+    is refused with advice, and that advice (apply_mhc before fully_shard) works."""
+    import fsdp2_fit
+
+    script = Path(fsdp2_fit.__file__)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sharded = torch.load(tmp_path / "fsdp2.pt")
+
+    torch.manual_seed(0)
+    model = LitLM()
+    samples = token_loader().dataset
+    half, order = fsdp2_fit.BATCH // 2, []
+    for start in range(0, len(samples), fsdp2_fit.BATCH):  # rank 0's half batch, then rank 1's
+        order += [start + 2 * i for i in range(half)] + [start + 2 * i + 1 for i in range(half)]
+    run = trainer(
+        max_steps=fsdp2_fit.STEPS,
+        accumulate_grad_batches=2,
+        gradient_clip_val=fsdp2_fit.CLIP,
+        callbacks=[MHCCallback(streams=4)],
+    )
+    run.fit(model, DataLoader(Subset(samples, order), batch_size=half))
+    reference = model.state_dict()
+    assert sharded.keys() == reference.keys() and any(".hyper." in k for k in reference)
+    for name, value in reference.items():
+        torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-6, msg=name)
+
+    refused = (tmp_path / "refused.txt").read_text()
+    assert "is already sharded (fully_shard)" in refused, refused
+    assert "Build the layers in __init__" in refused and "apply_mhc" in refused
+    assert (tmp_path / "apply_then_shard.txt").read_text() == "sharded"
