@@ -4,6 +4,12 @@ import torch
 from lightning_mhc.kernels.reference import sinkhorn, sinkhorn_unrolled
 
 
+def _spread_logits(count, n, spread, seed, dtype=torch.float64):
+    """Logits uniform in ``[-spread/2, spread/2]``: ``max - min`` of each matrix is close to ``spread``."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(count, n, n, generator=gen, dtype=dtype) - 0.5) * spread
+
+
 def _row_col_errors(m):
     return (m.sum(-1) - 1).abs().max().item(), (m.sum(-2) - 1).abs().max().item()
 
@@ -54,10 +60,58 @@ def test_recomputing_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda x: sinkhorn(x, 20), (logits,))
 
 
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("spread", [12.0, 20.0, 30.0])
+def test_gradcheck_at_large_logit_spreads(spread, n):
+    """``M0 = exp(L - max L) + eps`` depends on ``max L`` once entries fall to ``eps`` (spreads above ~14); the
+    backward must include that term. Before it did, the relative gradient error was 4e-4 at spread 10 and
+    0.3 at spread 30, and gradcheck failed from spread 10 on."""
+    logits = _spread_logits(3, n, spread, seed=n).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: sinkhorn(x, 20), (logits,))
+
+
+@pytest.mark.parametrize("spread", [12.0, 30.0])
+def test_gradcheck_of_the_unrolled_autograd_version(spread):
+    """The plain-autograd version differentiates through ``max L`` too (it is what the others are compared to)."""
+    logits = _spread_logits(2, 4, spread, seed=5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: sinkhorn_unrolled(x, 20), (logits,))
+
+
+def test_backward_at_tied_maxima_follows_amax():
+    """``max`` has no derivative where the largest logits tie (e.g. at ``alpha = 0`` with a diagonal ``b_res``):
+    the backward splits the shift's gradient evenly among the tied maxima, as autograd's ``amax`` does."""
+    logits = _spread_logits(16, 4, 30.0, seed=7)
+    logits.diagonal(dim1=-2, dim2=-1).fill_(20.0)
+    logits[:4, 0, 1] = 20.0  # five tied maxima in some matrices
+    logits.requires_grad_()
+    grad_out = torch.randn(logits.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    (ours,) = torch.autograd.grad(sinkhorn(logits, 20), logits, grad_out)
+    (unrolled,) = torch.autograd.grad(sinkhorn_unrolled(logits, 20), logits, grad_out)
+    torch.testing.assert_close(ours, unrolled, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("scale", "dtype"), [(1e4, torch.float32), (1e4, torch.float16), (30.0, torch.float16)])
+def test_extreme_and_half_logits_have_finite_gradients(scale, dtype):
+    logits = ((torch.rand(64, 4, 4, generator=torch.Generator().manual_seed(9)) * 2 - 1) * scale).to(dtype)
+    logits.requires_grad_()
+    out = sinkhorn(logits, 20)
+    assert torch.isfinite(out).all()
+    row_err, col_err = _row_col_errors(out)
+    assert row_err < 1e-6 and col_err < 0.1
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(10))
+    (grad,) = torch.autograd.grad(out, logits, grad_out)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    (unrolled,) = torch.autograd.grad(sinkhorn_unrolled(logits, 20), logits, grad_out)
+    tol = 1e-5 if dtype == torch.float32 else 2**-10  # fp16 gradients: one rounding of the fp32 result
+    scale = unrolled.abs().max().item()
+    torch.testing.assert_close(grad.float(), unrolled.float(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("spread", [4.0, 30.0])
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
-def test_recomputing_backward_equals_autograd_through_the_loop(n):
+def test_recomputing_backward_equals_autograd_through_the_loop(n, spread):
     gen = torch.Generator().manual_seed(n)
-    logits = torch.randn(64, n, n, generator=gen, dtype=torch.float64, requires_grad=True)
+    logits = _spread_logits(64, n, spread, seed=n).requires_grad_()
     grad_out = torch.randn(64, n, n, generator=gen, dtype=torch.float64)
     (ours,) = torch.autograd.grad(sinkhorn(logits, 20), logits, grad_out)
     (unrolled,) = torch.autograd.grad(sinkhorn_unrolled(logits, 20), logits, grad_out)

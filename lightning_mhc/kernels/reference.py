@@ -71,8 +71,9 @@ def split_logits(logits: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def sinkhorn_unrolled(logits: Tensor, iters: int) -> Tensor:
-    """Sinkhorn-Knopp on ``(..., n, n)`` logits in fp32: ``exp(L - max) + eps``, then ``iters`` times
-    normalise columns, then rows (rows last, so row sums are exact). Differentiable by plain autograd."""
+    """Sinkhorn-Knopp on ``(..., n, n)`` logits in fp32: ``M0 = exp(L - max L) + eps``, then ``iters`` times
+    normalise columns, then rows (rows last, so row sums are exact). Differentiable by plain autograd,
+    including through ``max L`` (see ``_sinkhorn_start``)."""
     m = _sinkhorn_start(logits)
     for _ in range(iters):
         m = m / m.sum(-2, keepdim=True)
@@ -81,10 +82,32 @@ def sinkhorn_unrolled(logits: Tensor, iters: int) -> Tensor:
 
 
 def _sinkhorn_start(logits: Tensor) -> Tensor:
-    # eps keeps every entry positive, so logits of +-1e4 (all but one entry underflowing) stay finite.
+    """``M0 = exp(L - max L) + eps`` per matrix, in at least fp32.
+
+    ``eps`` keeps every entry positive, so logits of +-1e4 (all but one entry underflowing) stay finite and the
+    iterations converge: it bounds the ratio of entries by ``1/eps``. Because of it the result is *not*
+    invariant to a shift of ``L``: it equals Sinkhorn of ``exp(L) + eps * exp(max L)``, so it depends on
+    ``max L`` and the shift must not be detached. (Without ``eps``, 4x4 logits uniform in +-30 end 20 iterations
+    with column sums off by up to 0.94, against 0.06 with it.) ``max`` has no derivative where the largest entries
+    tie; there autograd's ``amax`` splits the gradient evenly among them, and ``Sinkhorn.backward`` and the
+    Triton kernel do the same.
+    """
     lf = at_least_fp32(logits)
-    shift = lf.detach().amax(dim=(-2, -1), keepdim=True)
-    return torch.exp(lf - shift) + SINKHORN_EPS
+    return torch.exp(lf - lf.amax(dim=(-2, -1), keepdim=True)) + SINKHORN_EPS
+
+
+def _shift_backward(logits: Tensor, grad_start: Tensor) -> Tensor:
+    """Gradient wrt ``L`` of ``M0 = exp(L - max L) + eps`` given the gradient wrt ``M0``.
+
+    ``d M0_kl / d L_ij = e_kl (delta_(kl),(ij) - d max / d L_ij)`` with ``e = exp(L - max L)``, and
+    ``d max / d L`` is ``1 / (number of maxima)`` on the maxima (``amax``'s convention at ties), else 0.
+    """
+    lf = at_least_fp32(logits)
+    shift = lf.amax(dim=(-2, -1), keepdim=True)
+    ge = grad_start * torch.exp(lf - shift)
+    is_max = (lf == shift).to(ge.dtype)
+    share = is_max / is_max.sum(dim=(-2, -1), keepdim=True)
+    return ge - share * ge.sum(dim=(-2, -1), keepdim=True)
 
 
 def _normalise_backward(grad_out: Tensor, out: Tensor, total: Tensor, dim: int) -> Tensor:
@@ -120,8 +143,7 @@ class Sinkhorn(torch.autograd.Function):
         for col_sum, after_cols, row_sum, out in reversed(trace):
             g = _normalise_backward(g, out, row_sum, -1)
             g = _normalise_backward(g, after_cols, col_sum, -2)
-        grad_logits = g * (start - SINKHORN_EPS)
-        return grad_logits.to(logits.dtype), None
+        return _shift_backward(logits, g).to(logits.dtype), None
 
 
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:

@@ -1,7 +1,9 @@
 """Sinkhorn-Knopp on per-token ``n x n`` logits, entirely in registers.
 
-Forward: each program holds a ``(BLOCK_T, n, n)`` tile, computes ``exp(L - max) + eps`` and runs ``iters``
+Forward: each program holds a ``(BLOCK_T, n, n)`` tile, computes ``M0 = exp(L - max L) + eps`` and runs ``iters``
 column-then-row normalisations without touching memory between them, exactly as ``reference.sinkhorn``.
+Because of ``eps`` the result depends on ``max L`` (it is Sinkhorn of ``exp(L) + eps * exp(max L)``), so the
+backward differentiates through the shift too (``reference._shift_backward``), as the reference does.
 
 Backward: only the logits are saved. Step ``k`` of the reverse sweep needs the iterate that entered forward
 step ``k``; the kernel recomputes it from the start matrix (``k`` forward steps, in registers), so the whole
@@ -33,13 +35,15 @@ def _tile_offsets(tok0, n_tokens, N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl
 
 @triton.jit
 def _start(logits_ptr, t, r, c, mask, stride_t, stride_r, stride_c, EPS: tl.constexpr):
-    """``exp(L - max)`` (zero outside the mask) and the start matrix ``exp(L - max) + eps``."""
+    """``e = exp(L - max L)`` (zero outside the mask), the start matrix ``e + eps``, and which entries are
+    maxima of their matrix (``max L`` is where the backward's shift term goes)."""
     logits = tl.load(logits_ptr + t * stride_t + r * stride_r + c * stride_c, mask=mask, other=-float("inf"))
     logits = logits.to(tl.float32)
     shift = tl.max(tl.max(logits, axis=2), axis=1)
+    is_max = mask & (logits == shift[:, None, None])
     shift = tl.where(shift == -float("inf"), 0.0, shift)
     e = tl.where(mask, tl.exp(logits - shift[:, None, None]), 0.0)
-    return e, tl.where(mask, e + EPS, 0.0)
+    return e, tl.where(mask, e + EPS, 0.0), is_max
 
 
 @triton.jit
@@ -69,7 +73,7 @@ def _sinkhorn_fwd_kernel(
     EPS: tl.constexpr,
 ):
     t, r, c, mask = _tile_offsets(tl.program_id(0) * BLOCK_T, n_tokens, N, NP, BLOCK_T)
-    _, m = _start(logits_ptr, t, r, c, mask, stride_t, stride_r, stride_c, EPS)
+    _, m, _ = _start(logits_ptr, t, r, c, mask, stride_t, stride_r, stride_c, EPS)
     for _ in range(iters):
         _, _, _, m = _step(m)
     tl.store(out_ptr + t * (N * N) + r * N + c, m, mask=mask)
@@ -91,7 +95,7 @@ def _sinkhorn_bwd_kernel(
     EPS: tl.constexpr,
 ):
     t, r, c, mask = _tile_offsets(tl.program_id(0) * BLOCK_T, n_tokens, N, NP, BLOCK_T)
-    e, start = _start(logits_ptr, t, r, c, mask, stride_t, stride_r, stride_c, EPS)
+    e, start, is_max = _start(logits_ptr, t, r, c, mask, stride_t, stride_r, stride_c, EPS)
     g = tl.load(grad_out_ptr + t * (N * N) + r * N + c, mask=mask, other=0.0).to(tl.float32)
     for back in range(iters):
         m = start
@@ -102,7 +106,13 @@ def _sinkhorn_bwd_kernel(
         g = (g - tl.sum(g * out, axis=2)[:, :, None]) / row[:, :, None]
         g = (g - tl.sum(g * after_cols, axis=1)[:, None, :]) / col[:, None, :]
         g = tl.where(mask, g, 0.0)
-    tl.store(grad_in_ptr + t * (N * N) + r * N + c, g * e, mask=mask)
+    # Through M0 = exp(L - max L) + eps: g * e, minus sum(g * e) on the maxima (split evenly at ties).
+    ge = g * e
+    total = tl.sum(tl.sum(ge, axis=2), axis=1)
+    count = tl.sum(tl.sum(is_max.to(tl.float32), axis=2), axis=1)
+    share = total / tl.maximum(count, 1.0)
+    grad = ge - tl.where(is_max, share[:, None, None], 0.0)
+    tl.store(grad_in_ptr + t * (N * N) + r * N + c, grad, mask=mask)
 
 
 def _launch_config(n_tokens: int, n: int, tile: int) -> tuple[int, int, int]:
