@@ -124,11 +124,7 @@ class MHCCallback(L.Callback):
             self._check_same_injection(pl_module)
             return
         _refuse_sharded(pl_module)
-        device_before = pl_module.device
-        like_training = _prepare_like_training(trainer, pl_module)
-        if pl_module.example_input_array is not None:
-            example = _converted_example(trainer, pl_module) if like_training else None  # None: apply_mhc's own
-        elif stage == "fit" and not pl_module.automatic_optimization:
+        if pl_module.example_input_array is None and stage == "fit" and not pl_module.automatic_optimization:
             raise ValueError(
                 f"{type(pl_module).__name__} uses manual optimization (automatic_optimization = False), so "
                 "MHCCallback cannot find the block stack by running training_step once: that step calls "
@@ -137,6 +133,10 @@ class MHCCallback(L.Callback):
                 "probes with forward(example_input_array) instead; or inject before fitting with "
                 "lightning_mhc.apply_mhc(model, MHCConfig(...), example_input=...)."
             )
+        device_before = pl_module.device
+        like_training = _prepare_like_training(trainer, pl_module)
+        if pl_module.example_input_array is not None:
+            example = _converted_example(trainer, pl_module) if like_training else None  # None: apply_mhc's own
         else:
             example = _step_runner(trainer, stage, convert_input=like_training)
         with _step_context(trainer, stage) if like_training else nullcontext():
