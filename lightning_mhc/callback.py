@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import StochasticWeightAveraging
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -90,6 +90,7 @@ class MHCCallback(L.Callback):
                 f"{len(mine)} MHCCallbacks on one Trainer; mHC is injected once. Keep one MHCCallback(...)."
             )
         resolve_backend(self.config.kernels, trainer.strategy.root_device)
+        _refuse_half_true_under_fsdp2(trainer)
         if _is_injected(pl_module):
             self._check_same_injection(pl_module)
         else:
@@ -378,6 +379,19 @@ def _call_then(module: torch.nn.Module, hook: str, original: Callable, then: Cal
     result = original(*args, **kwargs)
     then()
     return result
+
+
+def _refuse_half_true_under_fsdp2(trainer: L.Trainer) -> None:
+    """FSDP2 shards one parameter dtype per group; under ``*-true`` half precision the mHC parameters stay float32
+    beside half-precision block weights, which ``fully_shard`` rejects with an assertion deep in torch."""
+    if isinstance(trainer.strategy, ModelParallelStrategy) and trainer.precision in ("bf16-true", "16-true"):
+        raise ValueError(
+            f"MHCCallback with ModelParallelStrategy (FSDP2) and precision={trainer.precision!r}: mHC keeps its own "
+            "parameters in float32 (half-precision updates of its gates round away), and FSDP2 needs one parameter "
+            "dtype per sharded group. Train in bf16 the FSDP2 way: precision='32-true' and fully_shard(..., "
+            "mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)) in your "
+            "configure_model."
+        )
 
 
 def _is_injected(module: torch.nn.Module) -> bool:

@@ -241,3 +241,16 @@ def test_fsdp2_shards_mhc_with_its_blocks_and_equals_one_process(tmp_path):
     assert "is already sharded (fully_shard)" in refused, refused
     assert "Build the layers in __init__" in refused and "apply_mhc" in refused
     assert (tmp_path / "apply_then_shard.txt").read_text() == "sharded"
+
+
+def test_fsdp2_under_half_true_precision_is_refused_at_setup_with_the_fsdp2_way():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    run = trainer(max_steps=1, strategy=strategy, precision="bf16-true", callbacks=[MHCCallback(streams=2)])
+    try:
+        with pytest.raises(ValueError, match="MixedPrecisionPolicy"):
+            run.fit(LitLM(), token_loader())
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
