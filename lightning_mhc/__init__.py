@@ -5,6 +5,7 @@ from lightning_mhc.checkpoint import load_from_checkpoint
 from lightning_mhc.config import MHCConfig
 from lightning_mhc.hyper_connection import HyperConnection
 from lightning_mhc.inject import InjectionReport, apply_mhc
+from lightning_mhc.strategies import MHCPipelineStrategy
 from lightning_mhc.streams import StreamReadout, expand_streams
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "InjectionReport",
     "MHCCallback",
     "MHCConfig",
+    "MHCPipelineStrategy",
     "StreamReadout",
     "apply_mhc",
     "expand_streams",

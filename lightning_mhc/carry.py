@@ -87,3 +87,11 @@ def _has_backward_hooks(tensor: Tensor) -> bool:
     """Whether a wrapper registered gradient hooks on ``tensor`` (FSDP2 does on a sharded module's outputs, to
     gather its parameters before their backward), which must fire although its gradient flows via the streams."""
     return not torch.compiler.is_compiling() and bool(tensor._backward_hooks)
+
+
+def hidden_carrying(streams: Tensor, reduce: str = "mean") -> Tensor:
+    """A hidden state that carries ``streams`` ``(..., n, C)``: their mean (or sum) over the stream axis, with the
+    streams attached, as an injected block would have returned it. For code that moves the stream state on its own
+    (a pipeline stage receiving it from the previous stage) and hands it to the next injected block."""
+    hidden = streams.sum(-2) if reduce == "sum" else streams.mean(-2)
+    return attach_streams(hidden, streams)

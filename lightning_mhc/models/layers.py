@@ -162,10 +162,10 @@ class TransformerLM(L.LightningModule):
     ``MHCCallback(blocks="layers")`` names them.
 
     Pipeline parts (for a pipeline strategy): :meth:`pipeline_parts` returns ``(embedding, blocks, head)`` such that
-    ``logits = head(block_k(...block_0(embedding(input_ids))))`` and ``loss = loss_fn(logits, targets)``; each block
-    maps a hidden tensor to one of the same shape and keeps no state between calls except the MoE layers' per-forward
-    statistics (summed per stage with :func:`~lightning_mhc.moe.moe_aux_loss`). Tied embeddings share one weight
-    between the first and last stage, so pipelines want ``tie_embeddings=False``.
+    ``logits = head(block_k(...block_0(embedding(input_ids))))`` and ``loss = pipeline_loss(logits, targets)``; each
+    block maps a hidden tensor to one of the same shape and keeps no state between calls except the MoE layers'
+    per-forward statistics (summed per stage with :func:`~lightning_mhc.moe.moe_aux_loss`). Tied embeddings share one
+    weight between the first and last stage, so pipelines want ``tie_embeddings=False``.
     """
 
     def __init__(
@@ -232,6 +232,15 @@ class TransformerLM(L.LightningModule):
     def pipeline_parts(self) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
         """``(embedding, blocks, head)``: ids to hidden, residual blocks hidden to hidden, hidden to logits."""
         return self.embedding, self.layers, self.head
+
+    def pipeline_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The loss of one (micro)batch for a pipeline strategy: next-token cross-entropy (the MoE balancing loss is
+        added per stage by the strategy)."""
+        return self.loss_fn(logits, targets)
+
+    def pipeline_batch(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(input_ids, targets)`` of a batch, for a pipeline strategy."""
+        return batch[0], batch[1]
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits ``(batch, time, vocab_size)`` for ``input_ids (batch, time)``, ``time <= seq_len``."""

@@ -1,0 +1,171 @@
+"""MHCPipelineStrategy: the same training as one process, on 2 CPU processes (gloo).
+
+Each multi-process test runs this file as a script (``python tests/test_pipeline.py fit OUT ...``); Lightning's own
+launcher starts the second rank. The script saves, per rank, the logged losses, the first step's gradients of the
+parameters that rank trains, and the weights after training; the test compares them with the same training in one
+process (without a pipeline).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lightning as L  # noqa: E402
+from block_styles import VOCAB  # noqa: E402
+from lit_models import LitLM, token_loader, trainer  # noqa: E402
+
+from lightning_mhc import MHCCallback, MHCPipelineStrategy  # noqa: E402
+
+STEPS = 3
+
+
+class _Embed(nn.Module):
+    """NanoGPT's token + position embedding, as one part (holds the model's own embedding modules)."""
+
+    def __init__(self, wte: nn.Embedding, wpe: nn.Embedding) -> None:
+        super().__init__()
+        self.wte, self.wpe = wte, wpe
+
+    def forward(self, idx):
+        return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+
+
+class PipeLitLM(LitLM):
+    """The test block-style LM (nanoGPT) with the pipeline protocol, trained with SGD (updates proportional to the
+    gradients, so equal weights after training mean equal gradients at every step)."""
+
+    def pipeline_parts(self):
+        t = self.model.transformer
+        return _Embed(t.wte, t.wpe), t.h, nn.Sequential(t.ln_f, self.model.lm_head)
+
+    def pipeline_batch(self, batch):
+        (tokens,) = batch
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def pipeline_loss(self, logits, targets):
+        return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class Record(L.Callback):
+    """Loads the initial weights (when given) at the start and records losses and the first step's gradients."""
+
+    def __init__(self, out: Path, initial: Path | None = None) -> None:
+        self.out, self.initial = out, initial
+        self.losses, self.grads = [], None
+
+    def on_train_start(self, trainer, pl_module):
+        if self.initial is not None:
+            pl_module.load_state_dict(torch.load(self.initial))
+        elif trainer.global_rank == 0:
+            torch.save(pl_module.state_dict(), self.out / "initial.pt")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+    def on_train_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        torch.save({"losses": self.losses, "grads": self.grads}, self.out / f"record{rank}.pt")
+
+
+def fit(out: Path, strategy, devices: int, initial: Path | None = None, **trainer_kwargs) -> L.LightningModule:
+    torch.manual_seed(0)
+    model = PipeLitLM(depth=4)
+    record = Record(out, initial)
+    callbacks = [
+        MHCCallback(streams=4, gate_init=0.3, log_every_n_steps=1),
+        record,
+        *trainer_kwargs.pop("callbacks", []),
+    ]
+    run = trainer(
+        max_steps=STEPS,
+        devices=devices,
+        strategy=strategy,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        **trainer_kwargs,
+    )
+    run.fit(model, token_loader(samples=16, batch_size=4))
+    if run.global_rank == 0:
+        torch.save(model.state_dict(), out / "final.pt")
+    return model
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command")
+    parser.add_argument("out")
+    parser.add_argument("--schedule", default="1F1B")
+    parser.add_argument("--microbatches", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--options", default="{}")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    options = json.loads(args.options)
+    strategy = MHCPipelineStrategy(schedule=args.schedule, microbatches=args.microbatches, **options)
+    fit(out, strategy, args.devices)
+
+
+def run_pipeline(tmp_path: Path, schedule: str, microbatches: int = 2, devices: int = 2, **options) -> Path:
+    command = [sys.executable, __file__, "fit", str(tmp_path), "--schedule", schedule]
+    command += ["--microbatches", str(microbatches), "--devices", str(devices), "--options", json.dumps(options)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return tmp_path
+
+
+def reference(tmp_path: Path) -> tuple[dict, dict]:
+    """The same training in this process, from the pipeline run's initial weights."""
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    torch.set_num_threads(1)
+    model = fit(ref, "auto", 1, initial=tmp_path / "initial.pt")
+    return torch.load(ref / "record0.pt"), model.state_dict()
+
+
+def _assert_equal_training(tmp_path: Path, devices: int = 2) -> None:
+    records = [torch.load(tmp_path / f"record{r}.pt") for r in range(devices)]
+    expected, final = reference(tmp_path)
+    assert len(expected["losses"]) == STEPS
+    for record in records:  # the loss of the last stage is logged on every rank
+        torch.testing.assert_close(record["losses"], expected["losses"], rtol=0, atol=1e-5)
+    grads = {}
+    for record in records:
+        assert not grads.keys() & record["grads"].keys()  # every parameter trained by one rank
+        grads.update(record["grads"])
+    assert grads.keys() == expected["grads"].keys()
+    for name, grad in expected["grads"].items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-5, msg=name)
+    pipelined = torch.load(tmp_path / "final.pt")
+    for name, value in final.items():
+        torch.testing.assert_close(pipelined[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("schedule", "microbatches"), [("1F1B", 2), ("GPipe", 4)])
+def test_pipeline_trains_like_one_process(tmp_path, schedule, microbatches):
+    run_pipeline(tmp_path, schedule, microbatches)
+    _assert_equal_training(tmp_path)
+
+
+if __name__ == "__main__":
+    _main()
