@@ -9,6 +9,10 @@ contiguous over ``C`` and the per-token reductions of the backward (``dH = sum_c
 program, with no atomics and no partial buffers. The ``n x n`` mix is unrolled over the input stream ``j``
 (``n`` is a compile-time constant): one contiguous ``(BLOCK_T, BLOCK_C)`` row of ``x`` at a time, multiplied
 into all ``n`` outputs. Arithmetic is fp32 in registers whatever the storage dtype.
+
+Token indices are int64 (``_tokens``) and every per-token tensor is addressed as ``token * stride + inner``, so
+offsets past 2**31 elements (tokens * n * C >= 2**31: 75k tokens at n=4, C=7168) do not wrap; the stride
+arguments also let the kernels read and write token-strided views without copies (``rows``).
 """
 
 from __future__ import annotations
@@ -20,18 +24,27 @@ from torch import Tensor
 
 
 @triton.jit
+def _tokens(BLOCK_T: tl.constexpr):
+    """This program's token indices, in int64: ``token * stride`` passes 2**31 once tokens * n * C do (75k tokens
+    at n=4, C=7168), and Triton keeps int32 arithmetic in int32."""
+    return tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+
+
+@triton.jit
 def _pre_mix_fwd_kernel(
     x_ptr,
     h_ptr,
     out_ptr,
     n_tokens,
     C,
+    stride_x,
+    stride_out,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = _tokens(BLOCK_T)
     i = tl.arange(0, NP)
     t_mask = t < n_tokens
     h_mask = t_mask[:, None] & (i[None, :] < N)
@@ -39,11 +52,11 @@ def _pre_mix_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
-        x_offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
+        x_offs = t[:, None, None] * stride_x + i[None, :, None] * C + c[None, None, :]
         x = tl.load(x_ptr + x_offs, mask=h_mask[:, :, None] & c_mask[None, None, :], other=0.0).to(tl.float32)
         y = tl.sum(h[:, :, None] * x, axis=1)
         out_mask = t_mask[:, None] & c_mask[None, :]
-        tl.store(out_ptr + t[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + t[:, None] * stride_out + c[None, :], y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -55,12 +68,15 @@ def _pre_mix_bwd_kernel(
     dh_ptr,
     n_tokens,
     C,
+    stride_x,
+    stride_g,
+    stride_dx,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = _tokens(BLOCK_T)
     i = tl.arange(0, NP)
     t_mask = t < n_tokens
     h_mask = t_mask[:, None] & (i[None, :] < N)
@@ -70,11 +86,12 @@ def _pre_mix_bwd_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
         g_mask = t_mask[:, None] & c_mask[None, :]
-        g = tl.load(grad_out_ptr + t[:, None] * C + c[None, :], mask=g_mask, other=0.0).to(tl.float32)
-        x_offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
+        g = tl.load(grad_out_ptr + t[:, None] * stride_g + c[None, :], mask=g_mask, other=0.0).to(tl.float32)
+        inner = i[None, :, None] * C + c[None, None, :]
         x_mask = h_mask[:, :, None] & c_mask[None, None, :]
-        x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + x_offs, (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty), mask=x_mask)
+        x = tl.load(x_ptr + t[:, None, None] * stride_x + inner, mask=x_mask, other=0.0).to(tl.float32)
+        dx = (h[:, :, None] * g[:, None, :]).to(dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + t[:, None, None] * stride_dx + inner, dx, mask=x_mask)
         dh += tl.sum(x * g[:, None, :], axis=2)
     tl.store(dh_ptr + t[:, None] * N + i[None, :], dh, mask=h_mask)
 
@@ -88,12 +105,15 @@ def _merge_fwd_kernel(
     out_ptr,
     n_tokens,
     C,
+    stride_x,
+    stride_f,
+    stride_out,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = _tokens(BLOCK_T)
     i = tl.arange(0, NP)
     t_mask = t < n_tokens
     h_mask = t_mask[:, None] & (i[None, :] < N)
@@ -102,13 +122,13 @@ def _merge_fwd_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
         row_mask = t_mask[:, None] & c_mask[None, :]
-        f = tl.load(f_ptr + t[:, None] * C + c[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + t[:, None] * stride_f + c[None, :], mask=row_mask, other=0.0).to(tl.float32)
         acc = h_post[:, :, None] * f[:, None, :]
         for j in tl.static_range(N):
-            x_j = tl.load(x_ptr + t[:, None] * (N * C) + j * C + c[None, :], mask=row_mask, other=0.0)
+            x_j = tl.load(x_ptr + t[:, None] * stride_x + j * C + c[None, :], mask=row_mask, other=0.0)
             h_j = tl.load(h_res_ptr + t[:, None] * (N * N) + i[None, :] * N + j, mask=h_mask, other=0.0)
             acc += h_j.to(tl.float32)[:, :, None] * x_j.to(tl.float32)[:, None, :]
-        out_offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
+        out_offs = t[:, None, None] * stride_out + i[None, :, None] * C + c[None, None, :]
         out_mask = h_mask[:, :, None] & c_mask[None, None, :]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -126,12 +146,17 @@ def _merge_bwd_kernel(
     dh_post_ptr,
     n_tokens,
     C,
+    stride_x,
+    stride_f,
+    stride_g,
+    stride_dx,
+    stride_df,
     N: tl.constexpr,
     NP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = _tokens(BLOCK_T)
     i = tl.arange(0, NP)
     t_mask = t < n_tokens
     h_mask = t_mask[:, None] & (i[None, :] < N)
@@ -142,19 +167,19 @@ def _merge_bwd_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
         row_mask = t_mask[:, None] & c_mask[None, :]
-        g_offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
+        g_offs = t[:, None, None] * stride_g + i[None, :, None] * C + c[None, None, :]
         g_mask = h_mask[:, :, None] & c_mask[None, None, :]
         g = tl.load(grad_out_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + t[:, None] * C + c[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + t[:, None] * stride_f + c[None, :], mask=row_mask, other=0.0).to(tl.float32)
         df = tl.sum(h_post[:, :, None] * g, axis=1)
-        tl.store(df_ptr + t[:, None] * C + c[None, :], df.to(df_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(df_ptr + t[:, None] * stride_df + c[None, :], df.to(df_ptr.dtype.element_ty), mask=row_mask)
         dh_post += tl.sum(g * f[:, None, :], axis=2)
         for j in tl.static_range(N):
-            x_offs = t[:, None] * (N * C) + j * C + c[None, :]
-            x_j = tl.load(x_ptr + x_offs, mask=row_mask, other=0.0).to(tl.float32)
+            x_j = tl.load(x_ptr + t[:, None] * stride_x + j * C + c[None, :], mask=row_mask, other=0.0).to(tl.float32)
             h_j = tl.load(h_res_ptr + t[:, None] * (N * N) + i[None, :] * N + j, mask=h_mask, other=0.0)
             dx_j = tl.sum(h_j.to(tl.float32)[:, :, None] * g, axis=1)
-            tl.store(dx_ptr + x_offs, dx_j.to(dx_ptr.dtype.element_ty), mask=row_mask)
+            dx_offs = t[:, None] * stride_dx + j * C + c[None, :]
+            tl.store(dx_ptr + dx_offs, dx_j.to(dx_ptr.dtype.element_ty), mask=row_mask)
             dh_col = tl.sum(g * x_j[:, None, :], axis=2)
             dh_res += tl.where(i[None, None, :] == j, dh_col[:, :, None], 0.0)
     tl.store(dh_post_ptr + t[:, None] * N + i[None, :], dh_post, mask=h_mask)
@@ -177,31 +202,70 @@ def _launch_config(n_tokens: int, n: int, c: int) -> tuple[int, int, int, int, i
     return n_pad, block_t, block_c, num_warps, triton.cdiv(n_tokens, block_t)
 
 
-def pre_mix_forward(x: Tensor, h_pre: Tensor) -> Tensor:
-    """``(T, C)`` in ``x``'s dtype from contiguous ``x (T, n, C)`` and ``h_pre (T, n)``."""
+def rows(t: Tensor) -> Tensor:
+    """``t`` if everything after its token dimension is contiguous (any token stride), else a contiguous copy.
+
+    The kernels address token ``k`` at ``k * t.stride(0)`` in 64-bit arithmetic and everything inside a token as
+    contiguous, so token-strided views (and storages past 2**31 elements) need no copy.
+    """
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t
+
+
+def _output(given: Tensor | None, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A fresh contiguous output shaped like ``like``, or the given one (any token stride, rest contiguous)."""
+    if given is None:
+        return torch.empty(like.shape, device=like.device, dtype=dtype or like.dtype)
+    if given.shape != like.shape or given.dtype != (dtype or like.dtype) or rows(given) is not given:
+        raise ValueError(f"output of shape {tuple(given.shape)} and {given.dtype} does not fit {tuple(like.shape)}")
+    return given
+
+
+def pre_mix_forward(x: Tensor, h_pre: Tensor, out: Tensor | None = None) -> Tensor:
+    """``(T, C)`` in ``x``'s dtype from ``x (T, n, C)`` and contiguous ``h_pre (T, n)`` (into ``out`` if given)."""
+    x = rows(x)
     n_tokens, n, c = x.shape
-    out = torch.empty((n_tokens, c), device=x.device, dtype=x.dtype)
+    out = _output(out, x[:, 0])
     n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
     _pre_mix_fwd_kernel[(grid,)](
-        x, h_pre, out, n_tokens, c, N=n, NP=n_pad, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps
+        x,
+        h_pre,
+        out,
+        n_tokens,
+        c,
+        x.stride(0),
+        out.stride(0),
+        N=n,
+        NP=n_pad,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return out
 
 
-def pre_mix_backward(x: Tensor, h_pre: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients wrt ``x`` (``x``'s dtype) and ``h_pre`` (fp32)."""
+def pre_mix_backward(x: Tensor, h_pre: Tensor, grad_out: Tensor, dx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Gradients wrt ``x`` (``x``'s dtype, into ``dx`` if given) and ``h_pre`` (fp32)."""
+    x, grad_out = rows(x), rows(grad_out)
     n_tokens, n, c = x.shape
-    dx = torch.empty_like(x)
+    dx = _output(dx, x)
     dh = torch.empty((n_tokens, n), device=x.device, dtype=torch.float32)
     n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
     _pre_mix_bwd_kernel[(grid,)](
         x,
         h_pre,
-        grad_out.contiguous(),
+        grad_out,
         dx,
         dh,
         n_tokens,
         c,
+        x.stride(0),
+        grad_out.stride(0),
+        dx.stride(0),
         N=n,
         NP=n_pad,
         BLOCK_T=block_t,
@@ -211,11 +275,12 @@ def pre_mix_backward(x: Tensor, h_pre: Tensor, grad_out: Tensor) -> tuple[Tensor
     return dx, dh
 
 
-def merge_forward(x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
-    """``(T, n, C)`` in ``x``'s dtype from contiguous ``x (T, n, C)``, ``f (T, C)``, ``h_res (T, n, n)``,
-    ``h_post (T, n)``."""
+def merge_forward(x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor, out: Tensor | None = None) -> Tensor:
+    """``(T, n, C)`` in ``x``'s dtype (into ``out`` if given) from ``x (T, n, C)``, ``f (T, C)`` and contiguous
+    ``h_res (T, n, n)``, ``h_post (T, n)``."""
+    x, f = rows(x), rows(f)
     n_tokens, n, c = x.shape
-    out = torch.empty_like(x)
+    out = _output(out, x)
     n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
     _merge_fwd_kernel[(grid,)](
         x,
@@ -225,6 +290,9 @@ def merge_forward(x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor
         out,
         n_tokens,
         c,
+        x.stride(0),
+        f.stride(0),
+        out.stride(0),
         N=n,
         NP=n_pad,
         BLOCK_T=block_t,
@@ -235,12 +303,19 @@ def merge_forward(x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor
 
 
 def merge_backward(
-    x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor, grad_out: Tensor
+    x: Tensor,
+    f: Tensor,
+    h_res: Tensor,
+    h_post: Tensor,
+    grad_out: Tensor,
+    dx: Tensor | None = None,
+    df: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients wrt ``x`` and ``f`` (their dtypes), ``h_res`` and ``h_post`` (fp32)."""
+    """Gradients wrt ``x`` and ``f`` (their dtypes, into ``dx`` / ``df`` if given), ``h_res`` and ``h_post``
+    (fp32)."""
+    x, f, grad_out = rows(x), rows(f), rows(grad_out)
     n_tokens, n, c = x.shape
-    dx = torch.empty_like(x)
-    df = torch.empty_like(f)
+    dx, df = _output(dx, x), _output(df, f)
     dh_res = torch.empty((n_tokens, n, n), device=x.device, dtype=torch.float32)
     dh_post = torch.empty((n_tokens, n), device=x.device, dtype=torch.float32)
     n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
@@ -249,13 +324,18 @@ def merge_backward(
         f,
         h_res,
         h_post,
-        grad_out.contiguous(),
+        grad_out,
         dx,
         df,
         dh_res,
         dh_post,
         n_tokens,
         c,
+        x.stride(0),
+        f.stride(0),
+        grad_out.stride(0),
+        dx.stride(0),
+        df.stride(0),
         N=n,
         NP=n_pad,
         BLOCK_T=block_t,

@@ -51,7 +51,7 @@ def _logits_fwd_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: t * stride_xt passes 2**31
     j = tl.arange(0, BLOCK_N)
     t_mask = t < n_tokens
     j_mask = j < N
@@ -93,6 +93,7 @@ def _logits_bwd_kernel(
     K,
     N,
     stride_xt,
+    stride_dxt,
     tokens_per_split,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -100,7 +101,7 @@ def _logits_bwd_kernel(
     PRECISION: tl.constexpr,
 ):
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    split = tl.program_id(1)
+    split = tl.program_id(1).to(tl.int64)  # int64: token offsets and split * K * N pass 2**31
     j = tl.arange(0, BLOCK_N)
     k_mask = k < K
     j_mask = j < N
@@ -110,14 +111,14 @@ def _logits_bwd_kernel(
     t_start = split * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, n_tokens)
     for t0 in range(t_start, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)  # int64 whatever type the loop variable gets
         t_mask = t < t_end
         x_mask = t_mask[:, None] & k_mask[None, :]
         v = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
         gm = tl.load(gm_ptr + t[:, None] * N + j[None, :], mask=t_mask[:, None] & j_mask[None, :], other=0.0)
         c = tl.load(c_ptr + t, mask=t_mask, other=0.0)
         dx = tl.dot(gm, w_t, input_precision=PRECISION) + c[:, None] * v
-        tl.store(dx_ptr + t[:, None] * K + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=x_mask)
+        tl.store(dx_ptr + t[:, None] * stride_dxt + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=x_mask)
         dphi = tl.dot(tl.trans(v), gm, dphi, input_precision=PRECISION)
     tl.store(dphi_ptr + split * K * N + k[:, None] * N + j[None, :], dphi, mask=k_mask[:, None] & j_mask[None, :])
 
@@ -184,10 +185,17 @@ def _token_splits(x: Tensor, k_chunks: int, token_blocks: int) -> int:
 
 
 def logits_backward(
-    x: Tensor, phi: Tensor, alpha: Tensor, grad_logits: Tensor, mr: Tensor, r: Tensor, n: int
+    x: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    grad_logits: Tensor,
+    mr: Tensor,
+    r: Tensor,
+    n: int,
+    dx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients wrt ``x`` (``x``'s dtype, ``(T, n*C)``), ``phi``, ``alpha`` and ``bias`` (fp32) from the
-    gradient wrt the pre-activation logits ``(T, N)``."""
+    """Gradients wrt ``x`` (``x``'s dtype, ``(T, n*C)``, into ``dx`` if given: any token stride, unit stride over
+    ``n*C``), ``phi``, ``alpha`` and ``bias`` (fp32) from the gradient wrt the pre-activation logits ``(T, N)``."""
     n_tokens, k_dim = x.shape
     n_out = phi.shape[1]
     g = grad_logits.float()
@@ -200,7 +208,10 @@ def logits_backward(
     splits = _token_splits(x, k_chunks, token_blocks)
     tokens_per_split = max(1, triton.cdiv(token_blocks, splits)) * block_t
     splits = triton.cdiv(n_tokens, tokens_per_split)
-    dx = torch.empty((n_tokens, k_dim), device=x.device, dtype=x.dtype)
+    if dx is None:
+        dx = torch.empty((n_tokens, k_dim), device=x.device, dtype=x.dtype)
+    elif dx.shape != x.shape or dx.dtype != x.dtype or (k_dim > 1 and dx.stride(1) != 1):
+        raise ValueError(f"dx of shape {tuple(dx.shape)} and {dx.dtype} does not fit x {tuple(x.shape)}")
     dphi = torch.empty((splits, k_dim, n_out), device=x.device, dtype=torch.float32)
     _logits_bwd_kernel[(k_chunks, splits)](
         x,
@@ -213,6 +224,7 @@ def logits_backward(
         k_dim,
         n_out,
         x.stride(0),
+        dx.stride(0),
         tokens_per_split,
         BLOCK_T=block_t,
         BLOCK_K=block_k,

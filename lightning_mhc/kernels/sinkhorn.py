@@ -26,6 +26,7 @@ from lightning_mhc.kernels.reference import SINKHORN_EPS
 
 @triton.jit
 def _tile_offsets(tok0, n_tokens, N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Token, row and column indices of a ``(BLOCK_T, NP, NP)`` tile; ``tok0`` is int64, so ``t * stride`` is."""
     t = tok0 + tl.arange(0, BLOCK_T)
     r = tl.arange(0, NP)
     c = tl.arange(0, NP)
@@ -72,7 +73,7 @@ def _sinkhorn_fwd_kernel(
     BLOCK_T: tl.constexpr,
     EPS: tl.constexpr,
 ):
-    t, r, c, mask = _tile_offsets(tl.program_id(0) * BLOCK_T, n_tokens, N, NP, BLOCK_T)
+    t, r, c, mask = _tile_offsets(tl.program_id(0).to(tl.int64) * BLOCK_T, n_tokens, N, NP, BLOCK_T)
     _, m, _ = _start(logits_ptr, t, r, c, mask, stride_t, stride_r, stride_c, EPS)
     for _ in range(iters):
         _, _, _, m = _step(m)
@@ -94,7 +95,7 @@ def _sinkhorn_bwd_kernel(
     BLOCK_T: tl.constexpr,
     EPS: tl.constexpr,
 ):
-    t, r, c, mask = _tile_offsets(tl.program_id(0) * BLOCK_T, n_tokens, N, NP, BLOCK_T)
+    t, r, c, mask = _tile_offsets(tl.program_id(0).to(tl.int64) * BLOCK_T, n_tokens, N, NP, BLOCK_T)
     e, start, is_max = _start(logits_ptr, t, r, c, mask, stride_t, stride_r, stride_c, EPS)
     g = tl.load(grad_out_ptr + t * (N * N) + r * N + c, mask=mask, other=0.0).to(tl.float32)
     for back in range(iters):
