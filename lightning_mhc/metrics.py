@@ -232,7 +232,9 @@ class ExpertLoad(Metric):
             rank has updated before ``compute()`` (see ``AmaxGain``).
 
     States (summed across ranks): ``counts`` (``[E]``, float so fractional loads work), ``entropy_sum`` (sum
-    of row entropies) and ``rows`` (router rows seen).
+    of row entropies) and ``rows`` (router rows seen). The float states are float32 and stay so when the module
+    is cast to bf16/fp16 (``bf16-true``, ``module.to(torch.bfloat16)``, ``set_dtype``) or built under a half default
+    dtype: a bf16 sum stops growing at 256 when adding ones; float64 (``set_dtype(torch.float64)``) is kept.
     """
 
     is_differentiable = False
@@ -243,8 +245,8 @@ class ExpertLoad(Metric):
         super().__init__(**kwargs)
         _check_size(num_experts, "ExpertLoad(num_experts)")
         self.num_experts = num_experts
-        self.add_state("counts", torch.zeros(num_experts if num_experts else ()), dist_reduce_fx="sum")
-        self.add_state("entropy_sum", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("counts", torch.zeros(num_experts or (), dtype=torch.float32), dist_reduce_fx="sum")
+        self.add_state("entropy_sum", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
         self.add_state("rows", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, tokens_per_expert: Tensor, router_probs: Optional[Tensor] = None) -> None:
@@ -255,7 +257,8 @@ class ExpertLoad(Metric):
         experts = tokens_per_expert.shape[0]
         if self.num_experts is None:
             self.num_experts = experts
-            _size_states(self, ("counts",), experts)
+            counts = torch.zeros(experts, dtype=self.counts.dtype, device=self.counts.device)
+            self.add_state("counts", counts, dist_reduce_fx="sum")
         elif experts != self.num_experts:
             raise ValueError(
                 f"ExpertLoad.update expects tokens_per_expert of shape [{self.num_experts}] (num_experts, fixed at "
@@ -281,6 +284,18 @@ class ExpertLoad(Metric):
             "cv": self.counts.std(correction=0) / mean,
             "router_entropy": self.entropy_sum / self.rows,
         }
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Move and cast like any metric, then put float states (and their reset values) below 32 bits back to
+        float32."""
+        this = super()._apply(fn, *args, **kwargs)
+        for name in ("counts", "entropy_sum"):
+            default, value = this._defaults[name], getattr(this, name)
+            if default.is_floating_point() and default.element_size() < 4:
+                this._defaults[name] = default.float()
+            if value.is_floating_point() and value.element_size() < 4:
+                setattr(this, name, value.float())
+        return this
 
 
 class LossSpikes(Metric):

@@ -17,7 +17,9 @@ Both backends expose the same state after every forward:
 * ``expert_bias`` (``balancing="aux_free"`` only): DeepSeek-V3's auxiliary-loss-free routing bias (see
   :class:`MoEConfig`). It is our own state, not MegaBlocks': a persistent float32 buffer that takes its initial value
   (zeros) when a loaded state dict lacks it, so MegaBlocks checkpoints load; :func:`strip_expert_bias` removes it for
-  strict loading into a plain MegaBlocks ``dMoE``.
+  strict loading into a plain MegaBlocks ``dMoE``. Under ``torch.distributed`` its update uses the *global* expert load:
+  the counts are summed over the ranks (one all-reduce per update, see :func:`set_balance_group`), so every rank takes
+  the same step, from the load of the whole batch, as DeepSeek-V3 does; ``tokens_per_expert`` stays this rank's own.
 
 Routing follows MegaBlocks' ``LearnedRouter`` (``megablocks/layers/router.py``): ``softmax(x W_r^T)`` over experts,
 top-k, and the top-k probabilities are used as gate weights *without* renormalisation (MegaBlocks' default
@@ -25,6 +27,9 @@ top-k, and the top-k probabilities are used as gate weights *without* renormalis
 ``moe_normalize_expert_weights=1``, DeepSeek-V3 style). The state of a forward is per call: a module called several
 times per step keeps only the last call's ``aux_loss``, and the ``aux_free`` bias is updated after every training
 forward (each micro-batch under gradient accumulation; twice if activation checkpointing re-runs the forward).
+Under ``torch.distributed`` every rank of the balancing group must therefore run the same number of training
+forwards of each layer (as DDP/FSDP already require); a pipeline stage holding different layers must not join a
+collective over all ranks: give it a data-parallel group, or ``None``, with :func:`set_balance_group`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -52,6 +58,9 @@ MEGABLOCKS_INSTALL_HINT = (
 )
 
 _ELEMENTWISE_TINY = 1e-20
+
+#: ``balance_group`` of an MoE layer meaning "the default process group" (see :func:`set_balance_group`).
+WORLD = "world"
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -87,7 +96,8 @@ class MoEConfig:
         shared_expert_hidden_size: hidden size of an always-on shared expert added to the routed output; 0 = none.
         balancing: ``"aux_loss"`` (MegaBlocks' load-balancing loss, see :func:`load_balancing_loss`), ``"aux_free"``
             (DeepSeek-V3: a per-expert bias added to the routing scores for top-k selection only, moved by
-            ``bias_update_rate * sign(mean_load - load_e)`` after each training forward) or ``"none"``.
+            ``bias_update_rate * sign(mean_load - load_e)`` after each training forward, with the load summed over
+            the ranks under ``torch.distributed``, see :func:`set_balance_group`) or ``"none"``.
         aux_loss_weight: weight of the load-balancing loss (MegaBlocks' ``moe_loss_weight``).
         bias_update_rate: step of the ``aux_free`` bias update (DeepSeek-V3's ``gamma``; 1e-3 in the paper).
         activation: ``"gelu"`` (tanh approximation, MegaBlocks' default), ``"silu"``, or ``"auto"`` (gelu for
@@ -179,6 +189,7 @@ class _MoEState:
     tokens_per_expert: torch.Tensor
     router_entropy: torch.Tensor
     expert_bias: torch.Tensor
+    balance_group: Any
     training: bool
     register_buffer: Callable[..., None]
 
@@ -188,6 +199,7 @@ class _MoEState:
         self.aux_loss = None
         self.tokens_per_expert = torch.zeros(config.num_experts, dtype=torch.long, device=device)
         self.router_entropy = torch.zeros((), device=device)
+        self.balance_group = WORLD
         if config.balancing == "aux_free":
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32, device=device))
 
@@ -213,12 +225,28 @@ class _MoEState:
             entropy = -(probs * probs.clamp_min(_ELEMENTWISE_TINY).log()).sum(-1)
             self.router_entropy = entropy.mean() if entropy.numel() else entropy.new_zeros(())
             if self.training and config.balancing == "aux_free":
-                load = counts.float()
+                load = self._global_load(counts)
                 self.expert_bias.add_(config.bias_update_rate * torch.sign(load.mean() - load))
         if self.training and config.balancing == "aux_loss" and config.aux_loss_weight > 0:
             self.aux_loss = load_balancing_loss(counts, scores, config.top_k, config.aux_loss_weight)
         else:
             self.aux_loss = None
+
+    def _global_load(self, counts: torch.Tensor) -> torch.Tensor:
+        """``counts`` (int64) summed over the balancing group, as float32; ``counts`` itself stays local.
+
+        One all-reduce of ``E`` integers per update, on the counts' device; no host sync (NCCL enqueues it on the
+        stream). A rank that routed no token to some expert contributes zeros, so every rank calls it alike.
+        """
+        group = self.__dict__.get("balance_group", WORLD)  # modules pickled before this attribute existed
+        if group is None or not dist.is_available() or not dist.is_initialized():
+            return counts.float()
+        pg = None if isinstance(group, str) else group
+        if dist.get_world_size(pg) == 1:
+            return counts.float()
+        total = counts.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pg)
+        return total.float()
 
     def _load_from_state_dict(
         self,
@@ -583,6 +611,30 @@ def moe_aux_loss(module: nn.Module, clear: bool = True) -> Optional[torch.Tensor
             if clear:
                 layer.aux_loss = None
     return total
+
+
+def set_balance_group(module: nn.Module, group: Any) -> int:
+    """Choose over which processes the ``aux_free`` expert loads of every MoE layer in ``module`` are summed before
+    the bias update; returns how many layers were set.
+
+    ``group`` is :data:`WORLD` (``"world"``, the default of every layer: the default process group whenever
+    ``torch.distributed`` is initialized, as DDP, FSDP and tensor/sequence parallelism need; ranks that see the same
+    tokens only scale all loads alike, which leaves the sign update unchanged), a ``ProcessGroup`` (e.g. the
+    data-parallel group of a pipeline-parallel run), or ``None`` (this process's counts only, e.g. for a pipeline
+    stage without data parallelism, which sees the whole batch and whose layers no other rank runs). Every rank in
+    the group must run the same number of training forwards of each layer, or the all-reduce hangs.
+    """
+    is_group = dist.is_available() and isinstance(group, dist.ProcessGroup)
+    if not (group is None or is_group or (isinstance(group, str) and group == WORLD)):
+        raise ValueError(
+            f"set_balance_group(group={group!r}) is not allowed; pass {WORLD!r}, a torch.distributed ProcessGroup, "
+            "or None (local counts only)."
+        )
+    layers = 0
+    for layer in iter_moe_layers(module):
+        layer.balance_group = group
+        layers += 1
+    return layers
 
 
 def strip_expert_bias(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -257,6 +257,89 @@ def test_expert_load_rejects_bad_shapes() -> None:
         metric.update(torch.ones(4), torch.ones(5, 3))
 
 
+def _expert_load_inputs() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Counts whose sums bf16 cannot hold (257, 1000 + ...; bf16 has 8 significant bits) and bf16 router rows."""
+    g = torch.Generator().manual_seed(7)
+    inputs = []
+    for step in range(40):
+        counts = torch.tensor([1000 + step, 257, 3, 1])
+        probs = torch.softmax(torch.randn(33, 4, generator=g), dim=-1).to(torch.bfloat16)
+        inputs.append((counts, probs))
+    return inputs
+
+
+def _fp32_expert_load(inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    reference = ExpertLoad(num_experts=4)
+    for counts, probs in inputs:
+        reference.update(counts, probs)
+    return reference.compute()
+
+
+def _assert_fp32_states(metric: ExpertLoad) -> None:
+    for name in ("counts", "entropy_sum"):
+        assert getattr(metric, name).dtype == torch.float32, name
+        assert metric._defaults[name].dtype == torch.float32, name
+    assert metric.rows.dtype == torch.long
+
+
+@pytest.mark.parametrize("num_experts", [4, None])
+def test_expert_load_states_stay_float32_under_bf16_true(num_experts: int | None) -> None:
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    precision = HalfPrecision("bf16-true")
+    with precision.module_init_context():  # torch's default dtype is bf16 here, as in trainer.init_module()
+        model = torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 4), "load": ExpertLoad(num_experts=num_experts)})
+    precision.convert_module(model)
+    metric = model["load"]
+    assert model["proj"].weight.dtype == torch.bfloat16
+    _assert_fp32_states(metric)
+    inputs = _expert_load_inputs()
+    for _ in range(2):  # the second round after reset()
+        with precision.forward_context():  # the first update sizes `counts` under the bf16 default dtype
+            for counts, probs in inputs:
+                metric.update(counts, probs)
+        _assert_fp32_states(metric)
+        got, expected = metric.compute(), _fp32_expert_load(inputs)
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), key
+        metric.reset()
+    _assert_fp32_states(metric)
+    metric.set_dtype(torch.float64)  # a wider dtype asked for explicitly is kept
+    assert metric.counts.dtype == torch.float64
+
+
+def test_expert_load_in_a_bf16_true_lightning_run_equals_fp32() -> None:
+    import lightning as L
+    from lit_models import trainer
+
+    inputs = _expert_load_inputs()
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 1)
+            self.load = ExpertLoad(num_experts=4)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            assert self.proj.weight.dtype == torch.bfloat16
+            for counts, probs in inputs[batch_idx * 10 : (batch_idx + 1) * 10]:
+                self.load.update(counts, probs)
+            return self.proj(batch[0]).float().square().mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
+    run = trainer(max_steps=4, precision="bf16-true")
+    with run.init_module():
+        module = Module()
+    run.fit(module, data)
+    _assert_fp32_states(module.load)
+    got, expected = module.load.compute(), _fp32_expert_load(inputs)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
 # --- LossSpikes ---------------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lightning_mhc.moe import (
@@ -20,6 +22,7 @@ from lightning_mhc.moe import (
     load_imbalance,
     megablocks_available,
     moe_aux_loss,
+    set_balance_group,
     strip_expert_bias,
 )
 
@@ -270,6 +273,117 @@ def _train_skewed(balancing: str, steps: int = 150) -> tuple[float, float]:
     return before, imbalance()
 
 
+# --- aux-free balancing under torch.distributed: the bias follows the global load ----------------------------
+
+BALANCE_CFG = MoEConfig(
+    hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=1, balancing="aux_free", bias_update_rate=0.05
+)
+BALANCE_STEPS = 4
+
+
+def _balance_moe() -> TorchDroplessMoE:
+    """The same layer every call; its router prefers expert ``e`` for tokens large in feature ``e``."""
+    torch.manual_seed(0)
+    moe = build_moe(BALANCE_CFG, backend="torch", dtype=torch.float64)
+    with torch.no_grad():
+        moe.router.layer.weight[:, :4] += torch.eye(4, dtype=torch.float64)
+    return moe
+
+
+def _balance_batches() -> list[torch.Tensor]:
+    """Per step 32 tokens: the first half (rank 0's) leans to expert 0, the second (rank 1's) to expert 1, so one
+    rank's load alone says "expert 1 is underused" while the global load says it is overused."""
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(BALANCE_STEPS):
+        x = 0.3 * torch.randn(32, BALANCE_CFG.hidden_size, generator=gen, dtype=torch.float64)
+        x[:16, 0] += 2.0
+        x[16:, 1] += 2.0
+        batches.append(x)
+    return batches
+
+
+def _run_balance(moe: torch.nn.Module, batches: list[torch.Tensor], rows: slice) -> list[torch.Tensor]:
+    """Training forwards (and backwards, as DDP needs) on ``rows`` of each batch; the bias before each step and the
+    local load of each step."""
+    layer = moe.module if isinstance(moe, torch.nn.parallel.DistributedDataParallel) else moe
+    history = []
+    for x in batches:
+        bias = layer.expert_bias.clone()
+        moe(x[rows]).sum().backward()
+        history.append((bias, layer.tokens_per_expert.clone()))
+    return history
+
+
+def _balance_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        batches, rows = _balance_batches(), slice(16 * rank, 16 * (rank + 1))
+        ddp = torch.nn.parallel.DistributedDataParallel(_balance_moe())  # broadcasts rank 0's buffers every forward
+        loads = [load for _, load in _run_balance(ddp, batches, rows)]
+        group = _balance_moe()
+        assert set_balance_group(group, dist.new_group([0, 1])) == 1
+        _run_balance(group, batches, rows)
+        local = _balance_moe()
+        assert set_balance_group(local, None) == 1
+        _run_balance(local, batches, rows)
+        torch.save(
+            {"ddp": ddp.module.expert_bias, "group": group.expert_bias, "local": local.expert_bias, "loads": loads},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_aux_free_bias_under_ddp_follows_the_global_load(tmp_path):
+    mp.spawn(_balance_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    batches = _balance_batches()
+    whole = _balance_moe()
+    biases = [bias for bias, _ in _run_balance(whole, batches, slice(None))]
+    assert whole.expert_bias.abs().max() > 0
+    for rank in range(2):
+        rows = slice(16 * rank, 16 * (rank + 1))
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        # the data differs between the halves, so one half's load alone would move the bias differently
+        alone = _balance_moe()
+        _run_balance(alone, batches, rows)
+        assert not torch.equal(alone.expert_bias, whole.expert_bias)
+        # every rank's bias equals the bias of one process that saw the whole batch, after the same steps
+        torch.testing.assert_close(got["ddp"], whole.expert_bias, rtol=0, atol=0)
+        torch.testing.assert_close(got["group"], whole.expert_bias, rtol=0, atol=0)
+        # tokens_per_expert stays this rank's own (ExpertLoad sums the ranks itself): the load of its half under the
+        # one-process bias of that step; some experts get no token of a rank's half (the all-reduce still runs)
+        probe = _balance_moe().eval()
+        for step, (x, bias, load) in enumerate(zip(batches, biases, got["loads"])):
+            probe.expert_bias.copy_(bias)
+            probe(x[rows])
+            assert torch.equal(load, probe.tokens_per_expert), step
+        assert any((load == 0).any() for load in got["loads"])
+        # balance_group=None: local counts only, as for a pipeline stage without data parallelism
+        torch.testing.assert_close(got["local"], alone.expert_bias, rtol=0, atol=0)
+
+
+def test_balance_group_defaults_to_world_and_rejects_other_values():
+    moe = _balance_moe()
+    assert moe.balance_group == "world"
+    assert set_balance_group(torch.nn.Sequential(moe, torch.nn.Linear(2, 2)), None) == 1
+    assert moe.balance_group is None
+    with pytest.raises(ValueError, match="set_balance_group"):
+        set_balance_group(moe, "data")
+
+
+def test_aux_free_update_without_torch_distributed_uses_local_counts():
+    assert not dist.is_initialized()
+    moe = _balance_moe()
+    x = _balance_batches()[0]
+    moe(x)
+    load = moe.tokens_per_expert.double()
+    torch.testing.assert_close(moe.expert_bias, (0.05 * torch.sign(load.mean() - load)).float())
+
+
 @pytest.mark.parametrize("balancing", ["aux_loss", "aux_free"])
 def test_balancing_spreads_a_skewed_router(balancing):
     before, after = _train_skewed(balancing)
@@ -338,7 +452,7 @@ def test_megablocks_matches_torch_backend_on_gpu(mlp_type, balancing):
         shared_expert_hidden_size=128,
         balancing=balancing,
     )
-    mb = build_moe(cfg, backend="megablocks", dtype=torch.bfloat16)
+    mb = build_moe(cfg, backend="megablocks", device="cuda", dtype=torch.bfloat16)
     ref = build_moe(cfg, backend="torch", device="cuda", dtype=torch.bfloat16)
     assert type(mb).__name__ == "MegaBlocksMoE" and mb.backend == "megablocks"
     names = {n: tuple(t.shape) for n, t in mb.state_dict().items()}
