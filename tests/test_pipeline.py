@@ -84,9 +84,11 @@ class Record(L.Callback):
         torch.save({"losses": self.losses, "grads": self.grads}, self.out / f"record{rank}.pt")
 
 
-def fit(out: Path, strategy, devices: int, initial: Path | None = None, **trainer_kwargs) -> L.LightningModule:
+def fit(
+    out: Path, strategy, devices: int, initial: Path | None = None, depth: int = 4, **trainer_kwargs
+) -> L.LightningModule:
     torch.manual_seed(0)
-    model = PipeLitLM(depth=4)
+    model = PipeLitLM(depth=depth)
     record = Record(out, initial)
     callbacks = [
         MHCCallback(streams=4, gate_init=0.3, log_every_n_steps=1),
@@ -115,21 +117,25 @@ def _main() -> None:
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--options", default="{}")
+    parser.add_argument("--depth", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     options = json.loads(args.options)
     strategy = MHCPipelineStrategy(schedule=args.schedule, microbatches=args.microbatches, **options)
-    fit(out, strategy, args.devices)
+    fit(out, strategy, args.devices, depth=args.depth)
 
 
-def run_pipeline(tmp_path: Path, schedule: str, microbatches: int = 2, devices: int = 2, **options) -> Path:
-    command = [sys.executable, __file__, "fit", str(tmp_path), "--schedule", schedule]
+def run_pipeline(
+    tmp_path: Path, schedule: str, microbatches: int = 2, devices: int = 2, depth: int = 4, check=True, **options
+):
+    command = [sys.executable, __file__, "fit", str(tmp_path), "--schedule", schedule, "--depth", str(depth)]
     command += ["--microbatches", str(microbatches), "--devices", str(devices), "--options", json.dumps(options)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return tmp_path
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
 
 
 def reference(tmp_path: Path) -> tuple[dict, dict]:
@@ -161,10 +167,88 @@ def _assert_equal_training(tmp_path: Path, devices: int = 2) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("schedule", "microbatches"), [("1F1B", 2), ("GPipe", 4)])
+@pytest.mark.parametrize(
+    ("schedule", "microbatches"),
+    [("1F1B", 2), ("GPipe", 4), ("Interleaved1F1B", 4), ("ZBVZeroBubble", 4), ("DualPipeV", 4)],
+)
 def test_pipeline_trains_like_one_process(tmp_path, schedule, microbatches):
     run_pipeline(tmp_path, schedule, microbatches)
     _assert_equal_training(tmp_path)
+
+
+def test_unknown_schedule_is_refused_at_construction_listing_what_exists():
+    with pytest.raises(ValueError, match="schedule='Zigzag' is not available; pass one of .*'1F1B'.*'DualPipeV'"):
+        MHCPipelineStrategy(schedule="Zigzag")
+    assert MHCPipelineStrategy(schedule="dualpipev").schedule_name == "DualPipeV"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"microbatches": 0}, "microbatches=0"),
+        ({"pipeline_parallel_size": -1}, "pipeline_parallel_size=-1"),
+        ({"stage_split": [2, 0]}, "stage_split"),
+        ({"comm_dtype": "int8"}, "comm_dtype='int8'"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MHCPipelineStrategy(**kwargs)
+
+
+def test_strategy_names_are_registered():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert StrategyRegistry["mhc_pipeline"]["init_params"] == {"schedule": "1F1B"}
+    assert StrategyRegistry["mhc_dualpipev"]["init_params"] == {"schedule": "DualPipeV"}
+
+
+def test_a_model_without_the_protocol_gets_an_explanation_with_an_example():
+    from lightning_mhc.strategies.stages import check_protocol
+
+    with pytest.raises(TypeError, match=r"no pipeline_parts or pipeline_loss(.|\n)*def pipeline_parts\(self\)"):
+        check_protocol(LitLM())
+    check_protocol(PipeLitLM())
+
+
+def test_stages_split_evenly_by_parameters_or_as_asked():
+    from lightning_mhc.strategies.stages import balanced_split, stage_block_counts
+
+    assert balanced_split([1, 1, 1, 1], 2) == [2, 2]
+    assert balanced_split([4, 1, 1, 1, 1], 2) == [1, 4]
+    assert balanced_split([1, 1, 1], 3) == [1, 1, 1]
+    blocks = PipeLitLM(depth=4).model.transformer.h
+    assert stage_block_counts(blocks, 2, [1, 3]) == [1, 3]
+    with pytest.raises(ValueError, match="4 stages but the model has only 3 blocks"):
+        stage_block_counts(PipeLitLM(depth=3).model.transformer.h, 4, None)
+    with pytest.raises(ValueError, match="stage_split=\\[2, 1\\] does not fit"):
+        stage_block_counts(blocks, 2, [2, 1])
+
+
+def test_a_batch_that_microbatches_do_not_divide_is_refused():
+    strategy = MHCPipelineStrategy(microbatches=3)
+    strategy._microbatches = 3
+    with pytest.raises(ValueError, match="batch size 4 is not divisible by microbatches=3"):
+        strategy._check_batch(torch.zeros(4, 8), torch.zeros(4, 8))
+    strategy._microbatches = 2
+    strategy._check_batch(torch.zeros(4, 8), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="Batch shapes changed"):
+        strategy._check_batch(torch.zeros(2, 8), torch.zeros(2, 8))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("schedule", "depth", "microbatches", "message"),
+    [
+        ("Interleaved1F1B", 2, 4, "4 stages but the model has only 2 blocks"),
+        ("1F1B", 4, 3, "not divisible by microbatches=3"),
+    ],
+)
+def test_bad_layouts_fail_on_every_rank_without_hanging(tmp_path, schedule, depth, microbatches, message):
+    result = run_pipeline(tmp_path, schedule, microbatches=microbatches, depth=depth, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
 
 
 if __name__ == "__main__":
