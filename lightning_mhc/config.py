@@ -14,6 +14,7 @@ MODES = ("mhc", "hc", "residual")
 READOUTS = ("mean", "sum", "learned")
 GRANULARITIES = ("auto", "sublayer", "block")
 KERNELS = ("auto", "triton", "torch")
+INITS = ("paper", "symmetric", "onehot")
 # Fields that decide the parameters and the function of an injected model; the others (initial values, kernels,
 # recomputation, logging) may change between a checkpoint and its resumption.
 STRUCTURAL_FIELDS = ("streams", "mode", "blocks", "sinkhorn_iters", "readout", "granularity")
@@ -44,9 +45,21 @@ class MHCConfig:
             ``"residual"`` (the plain residual, one stream, for comparison runs).
         blocks: dotted path to the ``nn.ModuleList``/``nn.Sequential`` of residual blocks; ``None`` finds it.
         sinkhorn_iters: Sinkhorn-Knopp iterations ``t_max``.
-        gate_init: initial value of the three gating scalars ``alpha``; 0 makes the injected model compute
-            exactly the original one.
-        res_init: initial logit on the diagonal of ``H_res`` (0 starts at ``J/n``; larger starts nearer ``I``).
+        init: how mHC's maps start (``mode="mhc"``); every preset computes the original model at
+            ``gate_init=0``, the ``symmetric`` and ``onehot`` ones at any ``gate_init``:
+
+            - ``"paper"``: the paper's ``alpha = 0.01``, small random ``phi``, ``H_pre = 1/n``, ``H_post = 1``,
+              ``H_res = J/n``. The dynamic maps start nearly inert.
+            - ``"symmetric"``: ``alpha = 1`` with ``phi = 0``, the same biases. Starts exactly at the original
+              model whatever ``alpha``; the streams stay identical (a learned, input-dependent gain on each
+              branch's input and output, no stream mixing).
+            - ``"onehot"``: ``alpha = 1``, ``phi = 0``, sublayer ``l`` reads stream ``l mod n`` (``H_pre`` 0.98 on
+              it, the rest spread over the others), ``H_res`` near the identity (diagonal logit 4). Starts at the
+              original model (to fp32 rounding) and breaks the streams' symmetry from the first step.
+        gate_init: initial value of the three gating scalars ``alpha``; ``None`` takes the preset's (0.01 for
+            ``paper``, 1 otherwise); 0 makes the injected model compute exactly the original one.
+        res_init: initial logit on the diagonal of ``H_res``; ``None`` takes the preset's (0, which starts at
+            ``J/n``, or 4 for ``onehot``); larger starts nearer ``I``.
         readout: how the last block reduces the streams: ``"mean"``, ``"sum"`` or ``"learned"``.
         granularity: ``"sublayer"`` (one hyper-connection per residual branch), ``"block"`` (the whole block is
             one branch) or ``"auto"`` (sublayer where the branches can be found, else block).
@@ -60,8 +73,9 @@ class MHCConfig:
     mode: str = "mhc"
     blocks: Optional[str] = None
     sinkhorn_iters: int = 20
-    gate_init: float = 0.01
-    res_init: float = 0.0
+    init: str = "paper"
+    gate_init: Optional[float] = None
+    res_init: Optional[float] = None
     readout: str = "mean"
     granularity: str = "auto"
     kernels: str = "auto"
@@ -78,8 +92,16 @@ class MHCConfig:
                 "or None to find the block stack automatically."
             )
         _check_int("sinkhorn_iters", self.sinkhorn_iters, 1)
-        _check_float("gate_init", self.gate_init, 0.0)
-        _check_float("res_init", self.res_init, -math.inf)
+        _check_choice("init", self.init, INITS)
+        if self.init != "paper" and self.mode != "mhc":
+            raise ValueError(
+                f"MHCConfig.init={self.init!r} is a preset of mode='mhc' (got mode={self.mode!r}); pass init='paper' "
+                "or mode='mhc'."
+            )
+        if self.gate_init is not None:
+            _check_float("gate_init", self.gate_init, 0.0)
+        if self.res_init is not None:
+            _check_float("res_init", self.res_init, -math.inf)
         _check_choice("readout", self.readout, READOUTS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("kernels", self.kernels, KERNELS)
@@ -88,6 +110,20 @@ class MHCConfig:
         if self.recompute_layers is not None:
             _check_int("recompute_layers", self.recompute_layers, 1)
         _check_int("log_every_n_steps", self.log_every_n_steps, 1)
+
+    @property
+    def initial_gate(self) -> float:
+        """``alpha``'s starting value: ``gate_init``, or the ``init`` preset's."""
+        if self.gate_init is not None:
+            return float(self.gate_init)
+        return 0.01 if self.init == "paper" else 1.0
+
+    @property
+    def initial_res_logit(self) -> float:
+        """The starting logit on ``H_res``'s diagonal: ``res_init``, or the ``init`` preset's."""
+        if self.res_init is not None:
+            return float(self.res_init)
+        return 4.0 if self.init == "onehot" else 0.0
 
     @property
     def stream_count(self) -> int:

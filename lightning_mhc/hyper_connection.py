@@ -20,22 +20,35 @@ from lightning_mhc.kernels.dispatch import KernelOps, get_ops, resolve_backend
 from lightning_mhc.kernels.reference import Coefficients
 from lightning_mhc.precision import Float32Parameters
 
+ONEHOT_OTHERS = 0.02  # H_pre mass the onehot preset leaves to the streams a sublayer does not read
+
 
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+def _input_gate_logits(streams: int, init: str, sublayer: int) -> Tensor:
+    """``b_pre``: ``H_pre = 1/n`` on every stream, or for ``onehot`` 0.98 on stream ``sublayer mod n`` and 0.02
+    spread over the others (summing to 1, so identical streams still give the original branch input)."""
+    if init != "onehot":
+        return torch.full((streams,), _logit(1.0 / streams))
+    logits = torch.full((streams,), _logit(ONEHOT_OTHERS / (streams - 1)))
+    logits[sublayer % streams] = _logit(1.0 - ONEHOT_OTHERS)
+    return logits
+
+
 class HyperConnection(Float32Parameters):
     """Learned pre/post/res maps for one residual branch of width ``dim``.
 
-    Initialised to preserve the wrapped function: ``H_pre = 1/n``, ``H_post = 1`` and a (doubly) stochastic
-    ``H_res``, so identical streams stay identical and the mean readout equals the plain residual when
-    ``gate_init = 0``. ``phi`` starts small and random so the streams' symmetry can break.
+    Initialised to preserve the wrapped function (``MHCConfig.init`` names the presets): ``H_pre`` summing to 1,
+    ``H_post = 1`` and a (doubly) stochastic ``H_res``, so identical streams stay identical and the mean readout
+    equals the plain residual when the dynamic part is off (``gate_init = 0``, or ``phi = 0`` in the ``symmetric``
+    and ``onehot`` presets). ``sublayer`` (its index in the stack) picks the stream ``onehot`` reads.
     With one stream (or ``mode="residual"``) it is exactly the plain residual and has no parameters. Its
     parameters stay float32 when the model is cast to half precision (``bf16-true``), as the paper keeps them.
     """
 
-    def __init__(self, dim: int, config: MHCConfig) -> None:
+    def __init__(self, dim: int, config: MHCConfig, sublayer: int = 0) -> None:
         super().__init__()
         n = config.stream_count
         self.dim = dim
@@ -46,11 +59,13 @@ class HyperConnection(Float32Parameters):
         self.capture: StreamCapture | None = None
         if self.mode == "residual":
             return
-        self.alpha = nn.Parameter(torch.full((3,), float(config.gate_init)))
+        self.alpha = nn.Parameter(torch.full((3,), config.initial_gate))
         eye = torch.eye(n)
         if self.mode == "mhc":
-            self.phi = nn.Parameter(torch.randn(n * dim, n * n + 2 * n) / math.sqrt(n * dim))
-            bias = [torch.full((n,), _logit(1.0 / n)), torch.zeros(n), config.res_init * eye.flatten()]
+            phi = torch.randn(n * dim, n * n + 2 * n) / math.sqrt(n * dim)
+            self.phi = nn.Parameter(phi if config.init == "paper" else torch.zeros_like(phi))
+            res = config.initial_res_logit * eye.flatten()
+            bias = [_input_gate_logits(n, config.init, sublayer), torch.zeros(n), res]
         else:
             self.theta = nn.Parameter(torch.randn(dim, n + 2) / math.sqrt(dim))
             bias = [torch.full((n,), 1.0 / n), torch.ones(n), eye.flatten()]

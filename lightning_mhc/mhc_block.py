@@ -153,7 +153,7 @@ class MHCBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.block = block
-        self.hyper = nn.ModuleList(HyperConnection(dim, config) for _ in range(branches))
+        self.hyper = nn.ModuleList(HyperConnection(dim, config, first_sublayer + k) for k in range(branches))
         self.granularity = granularity
         self.streams = config.stream_count
         self.first = first

@@ -5,7 +5,8 @@ from lightning_mhc import MHCConfig
 
 def test_defaults_are_the_papers():
     config = MHCConfig()
-    assert (config.streams, config.mode, config.sinkhorn_iters, config.gate_init) == (4, "mhc", 20, 0.01)
+    assert (config.streams, config.mode, config.sinkhorn_iters, config.init) == (4, "mhc", 20, "paper")
+    assert (config.initial_gate, config.initial_res_logit) == (0.01, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -19,6 +20,7 @@ def test_defaults_are_the_papers():
         ("sinkhorn_iters", 0, "integer >= 1"),
         ("gate_init", -0.1, "finite number >= 0"),
         ("gate_init", float("nan"), "finite number"),
+        ("init", "lucidrains", "'paper', 'symmetric', 'onehot'"),
         ("readout", "max", "'mean', 'sum', 'learned'"),
         ("granularity", "layer", "'auto', 'sublayer', 'block'"),
         ("kernels", "cuda", "'auto', 'triton', 'torch'"),
