@@ -56,20 +56,21 @@ class PipeLitLM(LitLM):
         return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5)
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)  # momentum: optimizer state to resume
 
 
 class Record(L.Callback):
-    """Loads the initial weights (when given) at the start and records losses and the first step's gradients."""
+    """Loads the initial weights (when given) at the start; records the losses, the first step's gradients and the
+    stability metrics."""
 
-    def __init__(self, out: Path, initial: Path | None = None) -> None:
-        self.out, self.initial = out, initial
+    def __init__(self, out: Path, initial: Path | None = None, tag: str = "") -> None:
+        self.out, self.initial, self.tag = out, initial, tag
         self.losses, self.grads = [], None
 
     def on_train_start(self, trainer, pl_module):
         if self.initial is not None:
             pl_module.load_state_dict(torch.load(self.initial))
-        elif trainer.global_rank == 0:
+        elif trainer.global_rank == 0 and trainer.global_step == 0:
             torch.save(pl_module.state_dict(), self.out / "initial.pt")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -80,32 +81,35 @@ class Record(L.Callback):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
 
     def on_train_end(self, trainer, pl_module):
-        rank = trainer.global_rank
-        torch.save({"losses": self.losses, "grads": self.grads}, self.out / f"record{rank}.pt")
+        history = next(c.history for c in trainer.callbacks if isinstance(c, MHCCallback))
+        record = {"losses": self.losses, "grads": self.grads, "history": history}
+        torch.save(record, self.out / f"record{self.tag}{trainer.global_rank}.pt")
 
 
 def fit(
-    out: Path, strategy, devices: int, initial: Path | None = None, depth: int = 4, **trainer_kwargs
+    out: Path,
+    strategy,
+    devices: int,
+    initial: Path | None = None,
+    depth: int = 4,
+    mode: str = "mhc",
+    max_steps: int = STEPS,
+    samples: int = 16,
+    save: str | None = None,
+    resume: str | None = None,
+    tag: str = "",
 ) -> L.LightningModule:
     torch.manual_seed(0)
     model = PipeLitLM(depth=depth)
-    record = Record(out, initial)
-    callbacks = [
-        MHCCallback(streams=4, gate_init=0.3, log_every_n_steps=1),
-        record,
-        *trainer_kwargs.pop("callbacks", []),
-    ]
+    callbacks = [MHCCallback(streams=4, mode=mode, gate_init=0.3, log_every_n_steps=1), Record(out, initial, tag)]
     run = trainer(
-        max_steps=STEPS,
-        devices=devices,
-        strategy=strategy,
-        callbacks=callbacks,
-        use_distributed_sampler=False,
-        **trainer_kwargs,
+        max_steps=max_steps, devices=devices, strategy=strategy, callbacks=callbacks, use_distributed_sampler=False
     )
-    run.fit(model, token_loader(samples=16, batch_size=4))
+    run.fit(model, token_loader(samples=samples, batch_size=4), ckpt_path=resume)
+    if save is not None:
+        run.save_checkpoint(out / save)
     if run.global_rank == 0:
-        torch.save(model.state_dict(), out / "final.pt")
+        torch.save(model.state_dict(), out / f"final{tag}.pt")
     return model
 
 
@@ -117,19 +121,18 @@ def _main() -> None:
     parser.add_argument("--microbatches", type=int, default=2)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--options", default="{}")
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--fit", default="{}")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
-    options = json.loads(args.options)
-    strategy = MHCPipelineStrategy(schedule=args.schedule, microbatches=args.microbatches, **options)
-    fit(out, strategy, args.devices, depth=args.depth)
+    strategy = MHCPipelineStrategy(schedule=args.schedule, microbatches=args.microbatches, **json.loads(args.options))
+    fit(out, strategy, args.devices, **json.loads(args.fit))
 
 
 def run_pipeline(
-    tmp_path: Path, schedule: str, microbatches: int = 2, devices: int = 2, depth: int = 4, check=True, **options
+    tmp_path: Path, schedule: str, microbatches: int = 2, devices: int = 2, check=True, fit=None, **options
 ):
-    command = [sys.executable, __file__, "fit", str(tmp_path), "--schedule", schedule, "--depth", str(depth)]
+    command = [sys.executable, __file__, "fit", str(tmp_path), "--schedule", schedule, "--fit", json.dumps(fit or {})]
     command += ["--microbatches", str(microbatches), "--devices", str(devices), "--options", json.dumps(options)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
@@ -138,12 +141,12 @@ def run_pipeline(
     return result
 
 
-def reference(tmp_path: Path) -> tuple[dict, dict]:
+def reference(tmp_path: Path, **kwargs) -> tuple[dict, dict]:
     """The same training in this process, from the pipeline run's initial weights."""
     ref = tmp_path / "reference"
     ref.mkdir()
     torch.set_num_threads(1)
-    model = fit(ref, "auto", 1, initial=tmp_path / "initial.pt")
+    model = fit(ref, "auto", 1, initial=tmp_path / "initial.pt", **kwargs)
     return torch.load(ref / "record0.pt"), model.state_dict()
 
 
@@ -246,9 +249,50 @@ def test_a_batch_that_microbatches_do_not_divide_is_refused():
     ],
 )
 def test_bad_layouts_fail_on_every_rank_without_hanging(tmp_path, schedule, depth, microbatches, message):
-    result = run_pipeline(tmp_path, schedule, microbatches=microbatches, depth=depth, check=False)
+    result = run_pipeline(tmp_path, schedule, microbatches=microbatches, check=False, fit={"depth": depth})
     assert result.returncode != 0
     assert message in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_composite_gain_under_the_pipeline_equals_one_process(tmp_path):
+    """HC mode, where the gains leave 1: every logged stability metric but the gradient norm (each rank sees its
+    stages' gradients) equals the single-process value."""
+    run_pipeline(tmp_path, "1F1B", 2, fit={"mode": "hc"})
+    expected, _ = reference(tmp_path, mode="hc")
+    assert abs(expected["history"][-1]["mhc/gain_fwd_composite"] - 1) > 1e-4
+    for rank in (0, 1):
+        history = torch.load(tmp_path / f"record{rank}.pt")["history"]
+        assert len(history) == len(expected["history"]) > 0
+        for got, want in zip(history, expected["history"]):
+            assert got.keys() == want.keys()
+            for key in want:
+                if key != "mhc/grad_norm":
+                    assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_checkpoint_resumes_and_loads_into_one_process(tmp_path):
+    """Two pipeline steps, a checkpoint, two more steps resumed from it: the same losses and weights as four steps
+    in one process; the checkpoint loads into a single-process model with lightning_mhc.load_from_checkpoint."""
+    from lightning_mhc import load_from_checkpoint
+
+    run_pipeline(tmp_path, "1F1B", 2, fit={"max_steps": 2, "samples": 8, "save": "two.ckpt"})
+    ckpt = tmp_path / "two.ckpt"
+    run_pipeline(tmp_path, "1F1B", 2, fit={"max_steps": 4, "samples": 8, "resume": str(ckpt), "tag": "resumed"})
+    expected, final = reference(tmp_path, max_steps=4, samples=8)
+    first, resumed = torch.load(tmp_path / "record0.pt"), torch.load(tmp_path / "recordresumed1.pt")
+    torch.testing.assert_close(first["losses"] + resumed["losses"], expected["losses"], rtol=0, atol=1e-5)
+    pipelined = torch.load(tmp_path / "finalresumed.pt")
+    for name, value in final.items():
+        torch.testing.assert_close(pipelined[name], value, rtol=0, atol=1e-5, msg=name)
+    loaded = load_from_checkpoint(PipeLitLM, ckpt).state_dict()
+    two_steps = torch.load(tmp_path / "final.pt")
+    assert loaded.keys() == two_steps.keys()
+    for name, value in two_steps.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
 
 
 if __name__ == "__main__":

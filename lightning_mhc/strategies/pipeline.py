@@ -329,7 +329,7 @@ class MHCPipelineStrategy(DDPStrategy):
 
     def _compose_capture(self, capture: StreamCapture) -> None:
         """Rebuild, on every rank, the whole model's capture of this step from each stage's per-microbatch parts."""
-        mine = {s: self.stage_modules[s].captured for s in self.local_stages}
+        mine = {s: self.stage_modules[s].captured[-self._microbatches :] for s in self.local_stages}
         mine = {s: [([h.cpu() for h in hs], [f.cpu() for f in fs]) for hs, fs in parts] for s, parts in mine.items()}
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, mine)

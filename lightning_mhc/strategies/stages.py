@@ -171,6 +171,7 @@ class StageModule(nn.Module):
         self.aux_scale = 1.0
         self.has_moe = any(True for _ in iter_moe_layers(self.blocks))
         self.captured: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._shapes_known = False
 
     def forward(self, x: Tensor) -> Tensor:
         if self.embedding is not None:
@@ -179,13 +180,15 @@ class StageModule(nn.Module):
             dtype = next(self.blocks.parameters()).dtype
             x = hidden_carrying(x.to(dtype) if self.comm_dtype is not None else x, self.reduce)
         capture = getattr(self.blocks[0], "capture", None)
+        # the stage's first forward is PipelineStage's shape inference (on uninitialised inputs): not recorded
         local = self._capture_locally(capture)
         try:
             for block in self.blocks:
                 x = block(x)
         finally:
             if local is not None:
-                self._restore_capture(capture, local)
+                self._restore_capture(capture, local, keep=self._shapes_known)
+        self._shapes_known = True
         if self.has_moe and self.training and torch.is_grad_enabled():
             aux = moe_aux_loss(self.blocks)
             if aux is not None:
@@ -210,8 +213,9 @@ class StageModule(nn.Module):
                 m.capture = local
         return local
 
-    def _restore_capture(self, capture: StreamCapture, local: StreamCapture) -> None:
+    def _restore_capture(self, capture: StreamCapture, local: StreamCapture, keep: bool) -> None:
         for m in self.blocks.modules():
             if isinstance(m, (HyperConnection, MHCBlock)):
                 m.capture = capture
-        self.captured.append(([h for f in local.forwards for h in f], local.final_streams))
+        if keep:
+            self.captured.append(([h for f in local.forwards for h in f], local.final_streams))
