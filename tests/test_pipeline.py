@@ -98,12 +98,18 @@ def fit(
     save: str | None = None,
     resume: str | None = None,
     tag: str = "",
+    clip: float | None = None,
 ) -> L.LightningModule:
     torch.manual_seed(0)
     model = PipeLitLM(depth=depth)
     callbacks = [MHCCallback(streams=4, mode=mode, gate_init=0.3, log_every_n_steps=1), Record(out, initial, tag)]
     run = trainer(
-        max_steps=max_steps, devices=devices, strategy=strategy, callbacks=callbacks, use_distributed_sampler=False
+        max_steps=max_steps,
+        devices=devices,
+        strategy=strategy,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        gradient_clip_val=clip,
     )
     run.fit(model, token_loader(samples=samples, batch_size=4), ckpt_path=resume)
     if save is not None:
@@ -150,9 +156,9 @@ def reference(tmp_path: Path, **kwargs) -> tuple[dict, dict]:
     return torch.load(ref / "record0.pt"), model.state_dict()
 
 
-def _assert_equal_training(tmp_path: Path, devices: int = 2) -> None:
+def _assert_equal_training(tmp_path: Path, devices: int = 2, **kwargs) -> None:
     records = [torch.load(tmp_path / f"record{r}.pt") for r in range(devices)]
-    expected, final = reference(tmp_path)
+    expected, final = reference(tmp_path, **kwargs)
     assert len(expected["losses"]) == STEPS
     for record in records:  # the loss of the last stage is logged on every rank
         torch.testing.assert_close(record["losses"], expected["losses"], rtol=0, atol=1e-5)
@@ -177,6 +183,13 @@ def _assert_equal_training(tmp_path: Path, devices: int = 2) -> None:
 def test_pipeline_trains_like_one_process(tmp_path, schedule, microbatches):
     run_pipeline(tmp_path, schedule, microbatches)
     _assert_equal_training(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_gradient_clipping_uses_the_norm_over_all_stages(tmp_path):
+    run_pipeline(tmp_path, "1F1B", 2, fit={"clip": 0.05})
+    _assert_equal_training(tmp_path, clip=0.05)
 
 
 def test_unknown_schedule_is_refused_at_construction_listing_what_exists():
