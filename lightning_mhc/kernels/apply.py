@@ -188,17 +188,29 @@ def _merge_bwd_kernel(
     tl.store(dh_res_ptr + res_offs, dh_res, mask=res_mask)
 
 
-def _launch_config(n_tokens: int, n: int, c: int) -> tuple[int, int, int, int, int]:
-    """Stream padding, tokens and channels per program (about 4096 elements of ``x`` per chunk), warps, grid.
+# Per kernel: elements of the (BLOCK_T, n, BLOCK_C) tile a program holds per chunk, and elements per thread
+# (num_warps = tile / (32 * per_thread), between 4 and 8). Sized for sm_90 so that every kernel stays at or
+# below 128 registers per thread without spilling at n = 2..8 (tests/test_register_budget.py): the 64K-register
+# file then holds >= 16 warps, two 8-warp programs per SM. The backward of the merge holds the n x n
+# accumulators besides the tile and spilled at 4096 elements (128 registers + 4-16 bytes of spills at n = 4, 8,
+# C = 1280, bf16; 166 registers at n = 8 in fp32); at 2048 elements it takes <= 102. The forward's 4096-element
+# tile reached 128 (n = 8, C = 1280, fp32); at 2048 it takes <= 96. Two programs of half the tile keep as many
+# bytes in flight per SM as one program of the whole tile did.
+TILES = {"pre_mix_fwd": (4096, 16), "pre_mix_bwd": (4096, 16), "merge_fwd": (2048, 8), "merge_bwd": (2048, 8)}
+
+
+def _launch_config(n_tokens: int, n: int, c: int, kernel: str) -> tuple[int, int, int, int, int]:
+    """Stream padding, tokens and channels per program, warps, grid.
 
     ``BLOCK_C`` is the power of two up to 512 that wastes the fewest masked lanes (C=1280 takes 256, not 512).
     """
+    tile, per_thread = TILES[kernel]
     n_pad = triton.next_power_of_2(n)
     top = min(triton.next_power_of_2(c), 512)
     candidates = [b for b in (top, top // 2, top // 4) if b >= min(top, 128)]
     block_c = min(candidates, key=lambda b: (triton.cdiv(c, b) * b, -b))
-    block_t = max(1, min(triton.next_power_of_2(n_tokens), 4096 // (n_pad * block_c)))
-    num_warps = 4 if n_pad * block_c * block_t <= 2048 else 8
+    block_t = max(1, min(triton.next_power_of_2(n_tokens), tile // (n_pad * block_c)))
+    num_warps = min(8, max(4, n_pad * block_c * block_t // (32 * per_thread)))
     return n_pad, block_t, block_c, num_warps, triton.cdiv(n_tokens, block_t)
 
 
@@ -230,7 +242,7 @@ def pre_mix_forward(x: Tensor, h_pre: Tensor, out: Tensor | None = None) -> Tens
     x = rows(x)
     n_tokens, n, c = x.shape
     out = _output(out, x[:, 0])
-    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
+    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c, "pre_mix_fwd")
     _pre_mix_fwd_kernel[(grid,)](
         x,
         h_pre,
@@ -254,7 +266,7 @@ def pre_mix_backward(x: Tensor, h_pre: Tensor, grad_out: Tensor, dx: Tensor | No
     n_tokens, n, c = x.shape
     dx = _output(dx, x)
     dh = torch.empty((n_tokens, n), device=x.device, dtype=torch.float32)
-    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
+    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c, "pre_mix_bwd")
     _pre_mix_bwd_kernel[(grid,)](
         x,
         h_pre,
@@ -281,7 +293,7 @@ def merge_forward(x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor, out: Tens
     x, f = rows(x), rows(f)
     n_tokens, n, c = x.shape
     out = _output(out, x)
-    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
+    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c, "merge_fwd")
     _merge_fwd_kernel[(grid,)](
         x,
         f,
@@ -318,7 +330,7 @@ def merge_backward(
     dx, df = _output(dx, x), _output(df, f)
     dh_res = torch.empty((n_tokens, n, n), device=x.device, dtype=torch.float32)
     dh_post = torch.empty((n_tokens, n), device=x.device, dtype=torch.float32)
-    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c)
+    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c, "merge_bwd")
     _merge_bwd_kernel[(grid,)](
         x,
         f,

@@ -129,12 +129,16 @@ def _gains(alpha: Tensor, n: int) -> Tensor:
 
 
 def block_sizes(k_dim: int, n_out: int, forward: bool) -> tuple[int, int, int]:
-    """``BLOCK_T, BLOCK_K, BLOCK_N``: ``N`` padded for ``tl.dot`` (>= 16), tiles sized to fit registers at 8 warps
-    without spilling on sm_90 (the forward also holds the fp32 copy of ``x`` for the sum of squares)."""
+    """``BLOCK_T, BLOCK_K, BLOCK_N``: ``N`` padded for ``tl.dot`` (>= 16), tiles sized so that both kernels take at
+    most 128 registers per thread at 8 warps on sm_90 without spilling (two programs per SM; see
+    tests/test_register_budget.py). The forward holds the fp32 copy of ``x`` for the sum of squares besides the
+    dot's operands (<= 109 registers at n = 2..8). The backward holds a ``phi`` chunk, its transpose, the ``dphi``
+    accumulator and ``x``/``dx`` tiles: with ``BLOCK_K * BLOCK_N = 4096`` it took 124-195 registers (one program
+    per SM), with 2048 it takes <= 120."""
     block_n = max(16, triton.next_power_of_2(n_out))
     if forward:
         return 64, max(16, min(triton.next_power_of_2(k_dim), 2048 // max(block_n, 32))), block_n
-    return 32, max(16, min(triton.next_power_of_2(k_dim), 4096 // block_n)), block_n
+    return 32, max(16, min(triton.next_power_of_2(k_dim), 2048 // block_n)), block_n
 
 
 def logits_forward(
