@@ -23,6 +23,7 @@ from torch.distributed.pipelining import schedules as _schedules
 
 from lightning_mhc.capture import StreamCapture
 from lightning_mhc.mhc_block import MHCBlock
+from lightning_mhc.moe import set_balance_group
 from lightning_mhc.strategies.stages import (
     StageModule,
     check_protocol,
@@ -180,6 +181,9 @@ class MHCPipelineStrategy(DDPStrategy):
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         _sync_module_states(self.model)  # every rank built (and injected) its own copy: start from rank 0's
+        # MoE layers would sum their expert loads over all processes, which run different stages: each stage sees
+        # the whole batch, so its own counts are the load (a data-parallel group would go here)
+        set_balance_group(module, None)
         self._build_stages(module)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)

@@ -182,12 +182,16 @@ class StageModule(nn.Module):
         capture = getattr(self.blocks[0], "capture", None)
         # the stage's first forward is PipelineStage's shape inference (on uninitialised inputs): not recorded
         local = self._capture_locally(capture)
+        # ... nor may it move state (the aux-free MoE bias steps on every training forward)
+        buffers = None if self._shapes_known else [(b, b.detach().clone()) for b in self.buffers()]
         try:
             for block in self.blocks:
                 x = block(x)
         finally:
             if local is not None:
                 self._restore_capture(capture, local, keep=self._shapes_known)
+            for b, saved in buffers or ():
+                b.detach().copy_(saved)
         self._shapes_known = True
         if self.has_moe and self.training and torch.is_grad_enabled():
             aux = moe_aux_loss(self.blocks)
