@@ -187,6 +187,15 @@ def test_pipeline_trains_like_one_process(tmp_path, schedule, microbatches):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+def test_dualpipev_without_the_overlap_function_trains_like_one_process(tmp_path):
+    """The parametrized test above runs DualPipeV with its overlapped forward/backward pairs in two threads (the
+    default); here torch runs them one after the other. Both equal one process."""
+    run_pipeline(tmp_path, "DualPipeV", 4, overlap=False)
+    _assert_equal_training(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_gradient_clipping_uses_the_norm_over_all_stages(tmp_path):
     run_pipeline(tmp_path, "1F1B", 2, fit={"clip": 0.05})
     _assert_equal_training(tmp_path, clip=0.05)

@@ -97,7 +97,8 @@ class MHCPipelineStrategy(DDPStrategy):
         comm_dtype: dtype of the stream state between stages (``"bf16"``, ``"fp16"``, ``"fp32"`` or a
             ``torch.dtype``); default: the compute dtype.
         loss_name: the name the training loss is logged under.
-        overlap: for DualPipeV, run the overlapped forward/backward pairs concurrently (see ``overlap.py``).
+        overlap: for DualPipeV, run each overlapped forward/backward pair concurrently, the backward in a second
+            thread (see ``overlap.py``); ``False`` leaves torch's sequential default.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (process group, timeout, ...).
     """
 
@@ -111,7 +112,7 @@ class MHCPipelineStrategy(DDPStrategy):
         stage_split: Optional[list[int]] = None,
         comm_dtype: Optional[Union[str, torch.dtype]] = None,
         loss_name: str = "train_loss",
-        overlap: bool = False,
+        overlap: bool = True,
         **kwargs: Any,
     ) -> None:
         self.schedule_name = _resolve_schedule(schedule)
