@@ -196,6 +196,16 @@ def test_dualpipev_without_the_overlap_function_trains_like_one_process(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+def test_bf16_stream_transfer_stays_close_to_one_process(tmp_path):
+    run_pipeline(tmp_path, "1F1B", 2, comm_dtype="bf16")
+    expected, _ = reference(tmp_path)
+    losses = torch.load(tmp_path / "record1.pt")["losses"]
+    torch.testing.assert_close(losses, expected["losses"], rtol=0, atol=2e-2)
+    print("bf16 transfer, loss differences:", [a - b for a, b in zip(losses, expected["losses"])])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_gradient_clipping_uses_the_norm_over_all_stages(tmp_path):
     run_pipeline(tmp_path, "1F1B", 2, fit={"clip": 0.05})
     _assert_equal_training(tmp_path, clip=0.05)
