@@ -33,6 +33,9 @@ except ImportError:
     _AVERAGING_CALLBACKS = (StochasticWeightAveraging,)
 
 CHECKPOINT_KEY = "mhc"
+# Version of what checkpoints store under CHECKPOINT_KEY. 2: HC mode's H_res follows the paper's Eq. 5 (version 1,
+# lightning_mhc 0.1.0, had it transposed, so its HC weights would compute something else now).
+STORED_FORMAT = 2
 # What an injected module cannot change any more: its structure and what its blocks were built with.
 BAKED_IN_FIELDS = (*STRUCTURAL_FIELDS, "kernels", "recompute", "recompute_layers")
 
@@ -321,7 +324,7 @@ def _save_with_mhc(
 ) -> None:
     report = getattr(module, "mhc_report", None)
     if report is not None and _is_injected(module):
-        checkpoint[CHECKPOINT_KEY] = {"config": config.to_dict(), "plan": report.plan()}
+        checkpoint[CHECKPOINT_KEY] = {"config": config.to_dict(), "plan": report.plan(), "format": STORED_FORMAT}
     on_save_checkpoint(checkpoint)
 
 
@@ -353,7 +356,7 @@ def _check_then_load(
             f"lightning_mhc.load_from_checkpoint({type(module).__name__}, path) and fit that model without ckpt_path; "
             "to resume exactly, save full checkpoints."
         )
-    differ = MHCConfig.from_dict(stored["config"]).differences(config, STRUCTURAL_FIELDS)
+    differ = stored_config(stored).differences(config, STRUCTURAL_FIELDS)
     report = getattr(module, "mhc_report", None) if _is_injected(module) else None
     if differ or (report is not None and stored["plan"] != report.plan()):
         raise ValueError(
@@ -362,6 +365,19 @@ def _check_then_load(
             "checkpoint's values to MHCCallback to resume it."
         )
     on_load_checkpoint(checkpoint)
+
+
+def stored_config(stored: dict) -> MHCConfig:
+    """The config a checkpoint stored under ``CHECKPOINT_KEY``, refusing what this version computes differently."""
+    config = MHCConfig.from_dict(stored["config"])
+    if stored.get("format", 1) < 2 and config.mode == "hc":
+        raise ValueError(
+            "This checkpoint was trained in HC mode by lightning_mhc 0.1.0, whose H_res was the transpose of the HC "
+            "paper's (mHC paper Eq. 5); this version builds it as the paper does, so these weights would compute "
+            "another function. Retrain the HC model, or load it with lightning_mhc 0.1.0. (mHC-mode checkpoints "
+            "are unaffected.)"
+        )
+    return config
 
 
 def has_mhc_weights(checkpoint: dict) -> bool:

@@ -8,8 +8,7 @@ from typing import Any, TypeVar
 import lightning as L
 import torch
 
-from lightning_mhc.callback import CHECKPOINT_KEY, has_mhc_weights
-from lightning_mhc.config import MHCConfig
+from lightning_mhc.callback import CHECKPOINT_KEY, has_mhc_weights, stored_config
 from lightning_mhc.inject import apply_mhc
 
 ModuleT = TypeVar("ModuleT", bound=L.LightningModule)
@@ -43,9 +42,10 @@ def load_from_checkpoint(module_class: type[ModuleT], checkpoint_path: str, **kw
             f"{checkpoint_path} has no mHC: it was not written with MHCCallback. "
             f"Load it with {module_class.__name__}.load_from_checkpoint(...) instead."
         )
+    config = stored_config(stored)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*keys that are not in the model state dict.*")
         model = module_class.load_from_checkpoint(checkpoint_path, strict=False, **kwargs)
-    apply_mhc(model, MHCConfig.from_dict(stored["config"]), plan=stored["plan"])
+    apply_mhc(model, config, plan=stored["plan"])
     model.load_state_dict(checkpoint["state_dict"])
     return model

@@ -254,3 +254,28 @@ def test_fsdp2_under_half_true_precision_is_refused_at_setup_with_the_fsdp2_way(
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["hc", "mhc"])
+def test_hc_checkpoints_of_the_transposed_format_are_refused_mhc_ones_load(tmp_path, mode):
+    """lightning_mhc 0.1.0 stored no format and built HC's H_res transposed; its mHC checkpoints mean the same."""
+    torch.manual_seed(0)
+    model = LitLM(depth=2)
+    run = trainer(max_steps=1, callbacks=[MHCCallback(streams=2, mode=mode)])
+    run.fit(model, token_loader())
+    run.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    assert checkpoint[CHECKPOINT_KEY]["format"] == 2
+    del checkpoint[CHECKPOINT_KEY]["format"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    if mode == "mhc":
+        reloaded = load_from_checkpoint(LitLM, str(tmp_path / "old.ckpt"))
+        tokens = next(iter(token_loader()))[0][:, :-1]
+        torch.testing.assert_close(reloaded.eval()(tokens), model.eval()(tokens))
+        return
+    with pytest.raises(ValueError, match="HC mode by lightning_mhc 0.1.0.*transpose"):
+        load_from_checkpoint(LitLM, str(tmp_path / "old.ckpt"))
+    with pytest.raises(ValueError, match="HC mode by lightning_mhc 0.1.0.*transpose"):
+        trainer(max_steps=2, callbacks=[MHCCallback(streams=2, mode="hc")]).fit(
+            LitLM(depth=2), token_loader(), ckpt_path=tmp_path / "old.ckpt"
+        )
