@@ -1,11 +1,14 @@
-"""StreamCapture: what the stability metrics read (``H_res`` per layer, the final stream state), taken only
-while a capture is attached, so steps that are not logged pay nothing but an ``is None`` check. Forwards that
-activation checkpointing replays during backward are not recorded again."""
+"""StreamCapture: what the stability metrics read (``H_res`` per layer, the final stream state's diversity), taken
+only while a capture is attached, so steps that are not logged pay nothing but an ``is None`` check. The final
+stream state (``n C`` per token) is reduced to its diversity statistics at once, not kept alive through backward.
+Forwards that activation checkpointing replays during backward are not recorded again."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from lightning_mhc.metrics import StreamDiversity
 
 
 def _in_backward() -> bool:
@@ -13,12 +16,12 @@ def _in_backward() -> bool:
 
 
 class StreamCapture:
-    """Detached ``H_res`` of every hyper-connection, grouped per forward in depth order, and the stream state
-    the last block reduces."""
+    """Detached ``H_res`` of every hyper-connection, grouped per forward in depth order, and the diversity of the
+    stream states the last block reduces (``None`` before any)."""
 
     def __init__(self) -> None:
         self.forwards: list[list[Tensor]] = []
-        self.final_streams: list[Tensor] = []
+        self.diversity: StreamDiversity | None = None
 
     def begin_forward(self) -> None:
         if not _in_backward():
@@ -32,5 +35,8 @@ class StreamCapture:
         self.forwards[-1].append(h_res.detach())
 
     def add_final_streams(self, streams: Tensor) -> None:
-        if not _in_backward():
-            self.final_streams.append(streams.detach())
+        if _in_backward():
+            return
+        if self.diversity is None:
+            self.diversity = StreamDiversity().to(streams.device)
+        self.diversity.update(streams)

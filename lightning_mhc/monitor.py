@@ -44,8 +44,8 @@ class StabilityMonitor(nn.Module):
             if h_res and self.gains is not None:
                 self.gains.update(h_res)
                 self.sinkhorn.update(h_res)
-        for streams in capture.final_streams:
-            self.diversity.update(streams)
+        if capture.diversity is not None:
+            self.diversity.merge_state(capture.diversity)
 
     def compute(self, grad_norm: float) -> dict[str, float]:
         """The step's metrics as floats (gain keys only when there are ``H_res``); resets all but the spikes."""

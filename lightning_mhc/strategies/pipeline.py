@@ -22,6 +22,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as _schedules
 
 from lightning_mhc.capture import StreamCapture
+from lightning_mhc.metrics import StreamDiversity
 from lightning_mhc.mhc_block import MHCBlock
 from lightning_mhc.moe import set_balance_group
 from lightning_mhc.strategies.stages import (
@@ -335,14 +336,20 @@ class MHCPipelineStrategy(DDPStrategy):
     def _compose_capture(self, capture: StreamCapture) -> None:
         """Rebuild, on every rank, the whole model's capture of this step from each stage's per-microbatch parts."""
         mine = {s: self.stage_modules[s].captured[-self._microbatches :] for s in self.local_stages}
-        mine = {s: [([h.cpu() for h in hs], [f.cpu() for f in fs]) for hs, fs in parts] for s, parts in mine.items()}
+        mine = {
+            s: [([h.cpu() for h in hs], _cpu_state(diversity)) for hs, diversity in parts] for s, parts in mine.items()
+        }
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, mine)
         by_stage: dict[int, Any] = {s: parts for rank_parts in gathered for s, parts in rank_parts.items()}
         device = self.root_device
         for m in range(self._microbatches):
             capture.forwards.append([h.to(device) for s in range(self.num_stages) for h in by_stage[s][m][0]])
-            capture.final_streams.extend(f.to(device) for f in by_stage[self.num_stages - 1][m][1])
+            diversity = by_stage[self.num_stages - 1][m][1]
+            if diversity is not None:
+                if capture.diversity is None:
+                    capture.diversity = StreamDiversity().to(device)
+                capture.diversity.merge_state({k: v.to(device) for k, v in diversity.items()})
 
     # ------------------------------------------------------------------------------------------ weights and state
     def sync_full_model(self) -> None:
@@ -422,3 +429,8 @@ def _shared_parameters(ends: list[nn.Module], blocks: nn.ModuleList, counts: lis
                 if owners.setdefault(id(p), s) != s:
                     shared.append(name)
     return shared
+
+
+def _cpu_state(diversity: Optional[StreamDiversity]) -> Optional[dict[str, Tensor]]:
+    """A stage's stream-diversity statistics as plain CPU tensors, to gather across ranks."""
+    return None if diversity is None else {k: v.detach().cpu() for k, v in diversity.metric_state.items()}

@@ -222,4 +222,4 @@ class StageModule(nn.Module):
             if isinstance(m, (HyperConnection, MHCBlock)):
                 m.capture = capture
         if keep:
-            self.captured.append(([h for f in local.forwards for h in f], local.final_streams))
+            self.captured.append(([h for f in local.forwards for h in f], local.diversity))
