@@ -173,7 +173,8 @@ class MHCCallback(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if self._capture is not None:
-            self._grad_norm = total_grad_norm(pl_module)
+            # A strategy whose processes each hold part of the gradients (the pipeline) knows the whole norm.
+            self._grad_norm = getattr(trainer.strategy, "global_grad_norm", total_grad_norm)(pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -54,7 +54,7 @@ class MHCLightningCLI(LightningCLI):
         )
 
 
-def fit_summary(trainer: L.Trainer, datamodule: Optional[L.LightningDataModule]) -> str:
+def fit_summary(trainer: L.Trainer, datamodule: Optional[L.LightningDataModule], log_dir: Optional[str]) -> str:
     """What a finished ``fit`` achieved and where it left things: last validation loss against the data's unigram
     entropy (the loss of a model that learned only byte frequencies), the checkpoint and the log folder."""
     lines = [f"lightning-mhc fit: {trainer.global_step} optimizer steps."]
@@ -70,7 +70,7 @@ def fit_summary(trainer: L.Trainer, datamodule: Optional[L.LightningDataModule])
     if checkpoint is not None:
         path = getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
         lines.append(f"  checkpoint        {path or '(none written)'}")
-    lines.append(f"  logs              {trainer.log_dir}")
+    lines.append(f"  logs              {log_dir}")
     return "\n".join(lines)
 
 
@@ -94,8 +94,10 @@ def main(args: Optional[Sequence[str]] = None) -> int:
         save_config_kwargs={"overwrite": True},
         args=None if args is None else argv,
     )
-    if cli.subcommand == "fit" and cli.trainer.is_global_zero:
-        print(fit_summary(cli.trainer, cli.datamodule))
+    if cli.subcommand == "fit":
+        log_dir = cli.trainer.log_dir  # a broadcast under multi-process strategies: every rank must ask
+        if cli.trainer.is_global_zero:
+            print(fit_summary(cli.trainer, cli.datamodule, log_dir))
     return 0
 
 

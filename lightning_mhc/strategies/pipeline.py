@@ -323,15 +323,22 @@ class MHCPipelineStrategy(DDPStrategy):
     def _clip_grad_by_norm(self, optimizer: Any, clip_val: Union[int, float]) -> None:
         """Clip by the norm over all stages' gradients (each rank holds its stages' part)."""
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        local = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        for p in params:
-            local += p.grad.detach().double().pow(2).sum()
-        dist.all_reduce(local)
-        norm = float(local.sqrt())
+        norm = self._global_norm(params)
         coef = clip_val / (norm + 1e-6)
         if coef < 1.0 and math.isfinite(norm):
             for p in params:
                 p.grad.detach().mul_(coef)
+
+    def global_grad_norm(self, module: nn.Module) -> float:
+        """The norm of the whole model's gradients (``mhc/grad_norm``): each rank holds its own stages' part."""
+        return self._global_norm([p for p in module.parameters() if p.grad is not None])
+
+    def _global_norm(self, params: list[nn.Parameter]) -> float:
+        local = torch.zeros((), dtype=torch.float64, device=self.root_device)
+        for p in params:
+            local += p.grad.detach().double().pow(2).sum()
+        dist.all_reduce(local)
+        return float(local.sqrt())
 
     def _compose_capture(self, capture: StreamCapture) -> None:
         """Rebuild, on every rank, the whole model's capture of this step from each stage's per-microbatch parts."""
