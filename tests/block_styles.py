@@ -204,11 +204,13 @@ class Unsplittable(nn.Module):
         return torch.addcmul(x, self.mlp(x), torch.ones_like(x))
 
 
-class UnsplittableNet(nn.Module):
-    def __init__(self, dim=32, depth=3):
+class TokenStack(nn.Module):
+    """Embedding, a list of ``block``s run in a plain loop, head."""
+
+    def __init__(self, block, dim=32, depth=3):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
-        self.layers = nn.ModuleList(Unsplittable(dim) for _ in range(depth))
+        self.layers = nn.ModuleList(block(dim) for _ in range(depth))
         self.head = nn.Linear(dim, VOCAB)
 
     def forward(self, idx):
@@ -216,6 +218,11 @@ class UnsplittableNet(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.head(x)
+
+
+class UnsplittableNet(TokenStack):
+    def __init__(self, dim=32, depth=3):
+        super().__init__(Unsplittable, dim, depth)
 
 
 def lm_batch(seed=0, batch=4, seq=16):
@@ -254,22 +261,6 @@ class InplaceBlock(nn.Module):
     def forward(self, x):
         x += self.mlp(self.ln(x))
         return x
-
-
-class TokenStack(nn.Module):
-    """Embedding, a list of blocks run in a plain loop, head."""
-
-    def __init__(self, block, dim=32, depth=3):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, dim)
-        self.layers = nn.ModuleList(block(dim) for _ in range(depth))
-        self.head = nn.Linear(dim, VOCAB)
-
-    def forward(self, idx):
-        x = self.embed(idx)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
 
 
 # timm ResNet BasicBlock: x = bn2(conv2(act1(bn1(conv1(x))))); x += shortcut; x = act2(x)  (NCHW)

@@ -12,27 +12,15 @@ copies of the same values.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from kernel_devices import DEVICES  # noqa: E402
+
 from lightning_mhc.kernels import apply, coefficients, reference, sinkhorn  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETING, reason="Triton runs on CPU only interpreted")),
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-            pytest.mark.skipif(INTERPRETING, reason="CUDA tests check the compiled kernels, not the interpreter"),
-        ],
-    ),
-]
 TOKENS, N, C = 3, 4, 40
 STRIDE = 2**30 + 2**20  # token 2 at 2**31 + 2**21: past int32
 BASE = 2**31  # where the views start, so wrapped int32 offsets stay inside the storage

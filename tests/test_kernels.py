@@ -8,7 +8,6 @@ compiled kernels, where the coefficient matmul runs in tf32 and tolerances are s
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -17,21 +16,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_devices import DEVICES, INTERPRETING  # noqa: E402
+
 from lightning_mhc.kernels import coefficients, ops, reference  # noqa: E402
 from lightning_mhc.kernels.dispatch import get_ops, resolve_backend  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETING, reason="Triton runs on CPU only interpreted")),
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-            pytest.mark.skipif(INTERPRETING, reason="CUDA tests check the compiled kernels, not the interpreter"),
-        ],
-    ),
-]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (leading dims, C): a token count below one block and one above it, C not a power of two.
 SHAPES = [((7,), 40), ((3, 11), 72)]
