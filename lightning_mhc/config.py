@@ -45,8 +45,9 @@ class MHCConfig:
             ``"residual"`` (the plain residual, one stream, for comparison runs).
         blocks: dotted path to the ``nn.ModuleList``/``nn.Sequential`` of residual blocks; ``None`` finds it.
         sinkhorn_iters: Sinkhorn-Knopp iterations ``t_max``.
-        init: how mHC's maps start (``mode="mhc"``); every preset computes the original model at
-            ``gate_init=0``, the ``symmetric`` and ``onehot`` ones at any ``gate_init``:
+        init: how mHC's maps start (``mode="mhc"``; ``None`` is ``"onehot"`` for mHC, ``"paper"`` for HC, chosen
+            by the study in the README); every preset computes the original model at ``gate_init=0``, the
+            ``symmetric`` and ``onehot`` ones at any ``gate_init``:
 
             - ``"paper"``: the paper's ``alpha = 0.01``, small random ``phi``, ``H_pre = 1/n``, ``H_post = 1``,
               ``H_res = J/n``. The dynamic maps start nearly inert.
@@ -73,7 +74,7 @@ class MHCConfig:
     mode: str = "mhc"
     blocks: Optional[str] = None
     sinkhorn_iters: int = 20
-    init: str = "paper"
+    init: Optional[str] = None
     gate_init: Optional[float] = None
     res_init: Optional[float] = None
     readout: str = "mean"
@@ -92,8 +93,9 @@ class MHCConfig:
                 "or None to find the block stack automatically."
             )
         _check_int("sinkhorn_iters", self.sinkhorn_iters, 1)
-        _check_choice("init", self.init, INITS)
-        if self.init != "paper" and self.mode != "mhc":
+        if self.init is not None:
+            _check_choice("init", self.init, INITS)
+        if self.init not in (None, "paper") and self.mode != "mhc":
             raise ValueError(
                 f"MHCConfig.init={self.init!r} is a preset of mode='mhc' (got mode={self.mode!r}); pass init='paper' "
                 "or mode='mhc'."
@@ -112,18 +114,25 @@ class MHCConfig:
         _check_int("log_every_n_steps", self.log_every_n_steps, 1)
 
     @property
+    def init_preset(self) -> str:
+        """The ``init`` preset in effect: ``init``, or the mode's default."""
+        if self.init is not None:
+            return self.init
+        return "onehot" if self.mode == "mhc" else "paper"
+
+    @property
     def initial_gate(self) -> float:
         """``alpha``'s starting value: ``gate_init``, or the ``init`` preset's."""
         if self.gate_init is not None:
             return float(self.gate_init)
-        return 0.01 if self.init == "paper" else 1.0
+        return 0.01 if self.init_preset == "paper" else 1.0
 
     @property
     def initial_res_logit(self) -> float:
         """The starting logit on ``H_res``'s diagonal: ``res_init``, or the ``init`` preset's."""
         if self.res_init is not None:
             return float(self.res_init)
-        return 4.0 if self.init == "onehot" else 0.0
+        return 4.0 if self.init_preset == "onehot" else 0.0
 
     @property
     def stream_count(self) -> int:

@@ -63,9 +63,9 @@ class HyperConnection(Float32Parameters):
         eye = torch.eye(n)
         if self.mode == "mhc":
             phi = torch.randn(n * dim, n * n + 2 * n) / math.sqrt(n * dim)
-            self.phi = nn.Parameter(phi if config.init == "paper" else torch.zeros_like(phi))
+            self.phi = nn.Parameter(phi if config.init_preset == "paper" else torch.zeros_like(phi))
             res = config.initial_res_logit * eye.flatten()
-            bias = [_input_gate_logits(n, config.init, sublayer), torch.zeros(n), res]
+            bias = [_input_gate_logits(n, config.init_preset, sublayer), torch.zeros(n), res]
         else:
             self.theta = nn.Parameter(torch.randn(dim, n + 2) / math.sqrt(dim))
             bias = [torch.full((n,), 1.0 / n), torch.ones(n), eye.flatten()]

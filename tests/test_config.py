@@ -3,10 +3,12 @@ import pytest
 from lightning_mhc import MHCConfig
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_but_the_measured_init():
     config = MHCConfig()
-    assert (config.streams, config.mode, config.sinkhorn_iters, config.init) == (4, "mhc", 20, "paper")
-    assert (config.initial_gate, config.initial_res_logit) == (0.01, 0.0)
+    assert (config.streams, config.mode, config.sinkhorn_iters, config.init_preset) == (4, "mhc", 20, "onehot")
+    assert (config.initial_gate, config.initial_res_logit) == (1.0, 4.0)
+    hc = MHCConfig(mode="hc")
+    assert (hc.init_preset, hc.initial_gate) == ("paper", 0.01)
 
 
 @pytest.mark.parametrize(

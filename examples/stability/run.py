@@ -36,7 +36,10 @@ def train(mode: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
         weight_decay=0.0,
     )
     data = ByteLMDataModule(seq_len=args.seq_len, batch_size=args.batch_size, max_bytes=2_000_000, seed=args.seed)
-    callback = MHCCallback(streams=args.streams, mode=mode, log_every_n_steps=args.log_every, res_init=args.res_init)
+    init = args.init if mode == "mhc" else None
+    callback = MHCCallback(
+        streams=args.streams, mode=mode, init=init, log_every_n_steps=args.log_every, res_init=args.res_init
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=args.steps,
@@ -74,7 +77,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--res-init", type=float, default=0.0)
+    parser.add_argument("--init", choices=["paper", "symmetric", "onehot"], default=None, help="mHC preset")
+    parser.add_argument("--res-init", type=float, default=None, help="H_res diagonal logit (default: the preset's)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", default=["residual", "hc", "mhc"])
