@@ -198,6 +198,10 @@ def _ddp_worker(rank, world, init_file, results):
         F.cross_entropy(ddp(tokens[:, :-1]).reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, results)
+        # Let gloo's worker threads release the gradient all-reduces (they take the GIL to) before DDP's reducer
+        # and the process group are destroyed: destroying them under the GIL while a release is pending deadlocks.
+        dist.barrier()
+        del ddp
     finally:
         dist.destroy_process_group()
 
