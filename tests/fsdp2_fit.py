@@ -39,7 +39,8 @@ if __name__ == "__main__":
         devices=2,
         gradient_clip_val=CLIP,
         use_distributed_sampler=False,
-        callbacks=[MHCCallback(streams=4)],
+        # paper init (random phi): no noise-level gradients, which Adam's first step would turn into +-lr
+        callbacks=[MHCCallback(streams=4, init="paper")],
     )
     run.fit(model)
     hyper = [p for b in model.modules() if isinstance(b, MHCBlock) for p in b.hyper.parameters()]

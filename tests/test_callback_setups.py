@@ -229,7 +229,7 @@ def test_fsdp2_shards_mhc_with_its_blocks_and_equals_one_process(tmp_path):
         max_steps=fsdp2_fit.STEPS,
         accumulate_grad_batches=2,
         gradient_clip_val=fsdp2_fit.CLIP,
-        callbacks=[MHCCallback(streams=4)],
+        callbacks=[MHCCallback(streams=4, init="paper")],
     )
     run.fit(model, DataLoader(Subset(samples, order), batch_size=half))
     reference = model.state_dict()
