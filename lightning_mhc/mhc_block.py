@@ -188,23 +188,25 @@ class MHCBlock(nn.Module):
             setattr(block, name, value)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._checkpoints():
+        if not self._takes_over_checkpointing():
             return self._run(*args, **kwargs)
         if _is_hf_checkpointing_layer(self.block) and not getattr(self.block, "_can_checkpoint_with_cache", False):
+            # As Hugging Face does when it checkpoints: a cache would be updated again by the recomputation.
             kwargs = {k: (None if k in _CACHE_ARGUMENTS else v) for k, v in kwargs.items()}
-            kwargs.update({"use_cache": False} if kwargs.get("use_cache") else {})
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
         return checkpoint(self._run, *args, use_reentrant=False, **kwargs)
 
-    def _checkpoints(self) -> bool:
+    def _takes_over_checkpointing(self) -> bool:
         """Whether the wrapped block asked for activation checkpointing (which this wrapper then does)."""
         if not (self.training and torch.is_grad_enabled()):
             return False
         return isinstance(self.block, CheckpointWrapper) or _is_hf_checkpointing_layer(self.block)
 
-    def _checkpointed(self) -> bool:
+    def _activations_checkpointed(self) -> bool:
         """Whether activation checkpointing (ours, or the user's around this block: its saved-tensor hooks are
         active) already keeps this block's activations out of memory, so selective recomputation must not."""
-        if self._checkpoints():
+        if self._takes_over_checkpointing():
             return True
         return not torch.compiler.is_compiling() and _saved_tensor_hooks_active()
 
@@ -212,7 +214,7 @@ class MHCBlock(nn.Module):
         hidden, with_hidden = take_hidden(args, kwargs)
         streams = self._streams_in(hidden)
         chain = None
-        if self.recompute_layers is not None and torch.is_grad_enabled() and not self._checkpointed():
+        if self.recompute_layers is not None and torch.is_grad_enabled() and not self._activations_checkpointed():
             chain = RecomputeChain(self.recompute_layers)
             if not self.first:
                 chain = RecomputeChain.take(streams, chain)
