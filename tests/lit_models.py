@@ -19,10 +19,13 @@ class LitLM(L.LightningModule):
     def forward(self, tokens):
         return self.model(tokens)
 
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch):
         (tokens,) = batch
         logits = self(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
         if self.training:  # MHCCallback's probe runs this step once in eval mode
             self.losses.append(loss.item())
         self.log("train_loss", loss)
@@ -60,9 +63,7 @@ class ManualLitLM(LitLM):
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
-        (tokens,) = batch
-        logits = self(tokens[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        loss = self.loss(batch)
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
