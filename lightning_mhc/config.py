@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 MODES = ("mhc", "hc", "residual")
 READOUTS = ("mean", "sum", "learned")
@@ -20,19 +20,39 @@ INITS = ("paper", "symmetric", "onehot")
 STRUCTURAL_FIELDS = ("streams", "mode", "blocks", "sinkhorn_iters", "readout", "granularity")
 
 
-def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"MHCConfig.{field}={value!r} is not allowed; pass one of {', '.join(map(repr, allowed))}.")
+def _reject(name: str, value: Any, allowed: str) -> NoReturn:
+    raise ValueError(f"{name}={value!r} is not allowed; pass {allowed}.")
 
 
-def _check_int(field: str, value: Any, minimum: int) -> None:
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming ``name`` and ``value`` unless ``value`` is one of ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        _reject(name, value, "one of " + ", ".join(map(repr, allowed)))
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """Raise ``ValueError`` naming ``name`` and ``value`` unless ``value`` is an integer ``>= minimum`` (``bool`` is
+    not an integer here)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"MHCConfig.{field}={value!r} is not allowed; pass an integer >= {minimum}.")
+        _reject(name, value, f"an integer >= {minimum}")
 
 
-def _check_float(field: str, value: Any, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise ValueError(f"MHCConfig.{field}={value!r} is not allowed; pass a finite number >= {minimum}.")
+def check_float(
+    name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
+) -> None:
+    """Raise ``ValueError`` naming ``name`` and ``value`` unless ``value`` is a finite number between ``low`` and
+    ``high`` (each bound included unless marked open; infinite bounds are no bound)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        bounds = [f"{'>' if low_open else '>='} {low}"] if low != -math.inf else []
+        bounds += [f"{'<' if high_open else '<='} {high}"] if high != math.inf else []
+        _reject(name, value, " ".join(["a finite number", " and ".join(bounds)]).strip())
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` and ``value`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        _reject(name, value, "True or False")
 
 
 @dataclass(frozen=True)
@@ -85,33 +105,33 @@ class MHCConfig:
     log_every_n_steps: int = 50
 
     def __post_init__(self) -> None:
-        _check_int("streams", self.streams, 1)
-        _check_choice("mode", self.mode, MODES)
+        check_int("MHCConfig.streams", self.streams, 1)
+        check_choice("MHCConfig.mode", self.mode, MODES)
         if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks.strip(".")):
-            raise ValueError(
-                f"MHCConfig.blocks={self.blocks!r} is not allowed; pass a dotted path such as 'model.layers', "
-                "or None to find the block stack automatically."
+            _reject(
+                "MHCConfig.blocks",
+                self.blocks,
+                "a dotted path such as 'model.layers', or None to find the block stack automatically",
             )
-        _check_int("sinkhorn_iters", self.sinkhorn_iters, 1)
+        check_int("MHCConfig.sinkhorn_iters", self.sinkhorn_iters, 1)
         if self.init is not None:
-            _check_choice("init", self.init, INITS)
+            check_choice("MHCConfig.init", self.init, INITS)
         if self.init not in (None, "paper") and self.mode != "mhc":
             raise ValueError(
                 f"MHCConfig.init={self.init!r} is a preset of mode='mhc' (got mode={self.mode!r}); pass init='paper' "
                 "or mode='mhc'."
             )
         if self.gate_init is not None:
-            _check_float("gate_init", self.gate_init, 0.0)
+            check_float("MHCConfig.gate_init", self.gate_init, 0.0)
         if self.res_init is not None:
-            _check_float("res_init", self.res_init, -math.inf)
-        _check_choice("readout", self.readout, READOUTS)
-        _check_choice("granularity", self.granularity, GRANULARITIES)
-        _check_choice("kernels", self.kernels, KERNELS)
-        if not isinstance(self.recompute, bool):
-            raise ValueError(f"MHCConfig.recompute={self.recompute!r} is not allowed; pass True or False.")
+            check_float("MHCConfig.res_init", self.res_init, -math.inf)
+        check_choice("MHCConfig.readout", self.readout, READOUTS)
+        check_choice("MHCConfig.granularity", self.granularity, GRANULARITIES)
+        check_choice("MHCConfig.kernels", self.kernels, KERNELS)
+        check_bool("MHCConfig.recompute", self.recompute)
         if self.recompute_layers is not None:
-            _check_int("recompute_layers", self.recompute_layers, 1)
-        _check_int("log_every_n_steps", self.log_every_n_steps, 1)
+            check_int("MHCConfig.recompute_layers", self.recompute_layers, 1)
+        check_int("MHCConfig.log_every_n_steps", self.log_every_n_steps, 1)
 
     @property
     def init_preset(self) -> str:
@@ -145,13 +165,19 @@ class MHCConfig:
         return {n: (getattr(self, n), getattr(other, n)) for n in names if getattr(self, n) != getattr(other, n)}
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (str, int, float, bool and None values: safe for ``torch.load(weights_only=True)``
+        and YAML)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MHCConfig:
         """Build from a stored dict, rejecting unknown keys with the list of known ones."""
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"An MHCConfig is stored as a dict of its fields; got a {type(values).__name__} ({values!r:.80})."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(map(repr, set(values) - known))
         if unknown:
-            raise ValueError(f"Unknown MHCConfig field(s) {unknown}; known fields are {sorted(known)}.")
+            raise ValueError(f"Unknown MHCConfig field(s) {', '.join(unknown)}; known fields are {sorted(known)}.")
         return cls(**values)

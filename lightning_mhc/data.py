@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lightning_mhc.config import check_choice, check_float, check_int
+
 DEFAULT_PATTERNS = ("*.txt", "*.md", "*.rst", "*.py", "*.json", "*.csv", "*.tex", "*.html", "*.xml", "*.yaml")
 TOKEN_DTYPES = ("uint8", "uint16")
 _SKIPPED_DIRS = ("site-packages", "dist-packages", "__pycache__")
@@ -156,17 +158,27 @@ class ByteLMDataModule(L.LightningDataModule):
             ("seq_len", seq_len, 1),
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
+            ("seed", seed, 0),
             ("train_samples_per_epoch", train_samples_per_epoch, 1),
         ):
-            _check_int(name, value, minimum)
+            check_int(name, value, minimum)
         if max_bytes is not None:
-            _check_int("max_bytes", max_bytes, 1)
+            check_int("max_bytes", max_bytes, 1)
         if max_val_windows is not None:
-            _check_int("max_val_windows", max_val_windows, 1)
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction={val_fraction!r} is not allowed; pass a number strictly between 0 and 1.")
-        if token_dtype not in TOKEN_DTYPES:
-            raise ValueError(f"token_dtype={token_dtype!r} is not allowed; pass one of {TOKEN_DTYPES}.")
+            check_int("max_val_windows", max_val_windows, 1)
+        check_float("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_choice("token_dtype", token_dtype, TOKEN_DTYPES)
+        if patterns is not None and (
+            not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns)
+        ):
+            raise ValueError(
+                f"patterns={patterns!r} is not allowed; pass a list of file-name globs such as ['*.txt', '*.md'], "
+                "or None for the defaults."
+            )
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ValueError(
+                f"path={path!r} is not allowed; pass a file or folder path (str), or None for the bundled corpus."
+            )
         if path is not None and not Path(path).exists():
             raise ValueError(
                 f"path={path!r} does not exist; pass a text file, a folder of text files, a .bin token file, "
@@ -279,8 +291,3 @@ class ByteLMDataModule(L.LightningDataModule):
         probs = counts[counts > 0] / counts.sum()
         entropy = max(float(-(probs * np.log(probs)).sum()), 0.0)
         return entropy / math.log(2) if unit == "bits" else entropy
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; pass an integer >= {minimum}.")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_mhc.config import check_float, check_int
 from lightning_mhc.kernels.reference import at_least_fp32
 
 __all__ = ["AmaxGain", "ExpertLoad", "LossSpikes", "SinkhornError", "StreamDiversity", "amax_gains"]
@@ -40,11 +41,6 @@ def _check_square(t: Any, what: str) -> None:
         raise TypeError(f"{what} must be a torch.Tensor of shape (..., n, n); got {type(t).__name__}.")
     if t.ndim < 2 or t.shape[-1] != t.shape[-2] or t.shape[-1] == 0:
         raise ValueError(f"{what} must have shape (..., n, n) with n >= 1; got {tuple(t.shape)}.")
-
-
-def _check_size(value: Optional[int], what: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{what}={value!r} is not allowed; pass an integer >= 1 or None (set at first update).")
 
 
 def _size_states(metric: Metric, names: Sequence[str], size: int) -> None:
@@ -84,7 +80,8 @@ class AmaxGain(Metric):
 
     def __init__(self, num_layers: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _check_size(num_layers, "AmaxGain(num_layers)")
+        if num_layers is not None:  # None: sized at the first update
+            check_int("AmaxGain.num_layers", num_layers, 1)
         self.num_layers = num_layers
         for name in self._SUMS:
             self.add_state(name, torch.zeros(num_layers if num_layers else ()), dist_reduce_fx="sum")
@@ -243,7 +240,8 @@ class ExpertLoad(Metric):
 
     def __init__(self, num_experts: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _check_size(num_experts, "ExpertLoad(num_experts)")
+        if num_experts is not None:  # None: sized at the first update
+            check_int("ExpertLoad.num_experts", num_experts, 1)
         self.num_experts = num_experts
         self.add_state("counts", torch.zeros(num_experts or (), dtype=torch.float32), dist_reduce_fx="sum")
         self.add_state("entropy_sum", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
@@ -329,15 +327,11 @@ class LossSpikes(Metric):
 
     def __init__(self, threshold: float = 1.5, window: int = 100, min_history: int = 20, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 1:
-            raise ValueError(f"LossSpikes(threshold={threshold!r}) is not allowed; pass a number > 1 (e.g. 1.5).")
-        if not math.isfinite(threshold):
-            raise ValueError(f"LossSpikes(threshold={threshold!r}) is not allowed; pass a finite number > 1.")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"LossSpikes(window={window!r}) is not allowed; pass an integer >= 1 (e.g. 100).")
+        check_float("LossSpikes.threshold", threshold, 1.0, low_open=True)
+        check_int("LossSpikes.window", window, 1)
         if isinstance(min_history, bool) or not isinstance(min_history, int) or not 1 <= min_history <= window:
             raise ValueError(
-                f"LossSpikes(min_history={min_history!r}) is not allowed; pass an integer in [1, window={window}]."
+                f"LossSpikes.min_history={min_history!r} is not allowed; pass an integer in [1, window={window}]."
             )
         self.threshold = float(threshold)
         self.window = window

@@ -35,7 +35,6 @@ collective over all ranks: give it a data-parallel group, or ``None``, with :fun
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -44,6 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from lightning_mhc.config import check_bool, check_choice, check_float, check_int
 
 MLP_TYPES = ("mlp", "glu")
 BALANCINGS = ("aux_loss", "aux_free", "none")
@@ -61,26 +62,6 @@ _ELEMENTWISE_TINY = 1e-20
 
 #: ``balance_group`` of an MoE layer meaning "the default process group" (see :func:`set_balance_group`).
 WORLD = "world"
-
-
-def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"MoEConfig.{field}={value!r} is not allowed; pass {allowed}.")
-
-
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(field, value, f"an integer >= {minimum}")
-
-
-def _check_float(field: str, value: Any, minimum: float, strict: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        _fail(field, value, f"a finite number {'>' if strict else '>='} {minimum}")
-
-
-def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        _fail(field, value, "one of " + ", ".join(map(repr, allowed)))
 
 
 @dataclass(frozen=True)
@@ -120,21 +101,21 @@ class MoEConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        _check_int("hidden_size", self.hidden_size, 1)
-        _check_int("ffn_hidden_size", self.ffn_hidden_size, 1)
-        _check_int("num_experts", self.num_experts, 1)
-        _check_int("top_k", self.top_k, 1)
+        for field in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k"):
+            check_int(f"MoEConfig.{field}", getattr(self, field), 1)
         if self.top_k > self.num_experts:
-            _fail("top_k", self.top_k, f"an integer between 1 and num_experts={self.num_experts}")
-        _check_choice("mlp_type", self.mlp_type, MLP_TYPES)
-        _check_int("shared_expert_hidden_size", self.shared_expert_hidden_size, 0)
-        _check_choice("balancing", self.balancing, BALANCINGS)
-        _check_float("aux_loss_weight", self.aux_loss_weight, 0.0)
-        _check_float("bias_update_rate", self.bias_update_rate, 0.0)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        if not isinstance(self.normalize_expert_weights, bool):
-            _fail("normalize_expert_weights", self.normalize_expert_weights, "True or False")
-        _check_float("init_std", self.init_std, 0.0, strict=True)
+            raise ValueError(
+                f"MoEConfig.top_k={self.top_k!r} is not allowed; pass an integer between 1 and "
+                f"num_experts={self.num_experts}."
+            )
+        check_choice("MoEConfig.mlp_type", self.mlp_type, MLP_TYPES)
+        check_int("MoEConfig.shared_expert_hidden_size", self.shared_expert_hidden_size, 0)
+        check_choice("MoEConfig.balancing", self.balancing, BALANCINGS)
+        check_float("MoEConfig.aux_loss_weight", self.aux_loss_weight, 0.0)
+        check_float("MoEConfig.bias_update_rate", self.bias_update_rate, 0.0)
+        check_choice("MoEConfig.activation", self.activation, ACTIVATIONS)
+        check_bool("MoEConfig.normalize_expert_weights", self.normalize_expert_weights)
+        check_float("MoEConfig.init_std", self.init_std, 0.0, low_open=True)
 
     @property
     def activation_name(self) -> str:
@@ -574,7 +555,11 @@ def build_moe(
         ImportError: ``backend="megablocks"`` and MegaBlocks or grouped GEMM cannot be imported (says how to install).
         RuntimeError: ``backend="megablocks"`` without CUDA.
     """
-    _check_choice_arg("backend", backend, BACKENDS)
+    if not isinstance(config, MoEConfig):
+        raise ValueError(
+            f"config={config!r:.80} is not allowed; pass a MoEConfig(hidden_size=..., ffn_hidden_size=...)."
+        )
+    check_choice("backend", backend, BACKENDS)
     device = torch.device(device) if device is not None else None
     if backend == "auto":
         wants_cuda = device is None or device.type == "cuda"
@@ -583,11 +568,6 @@ def build_moe(
     if backend == "megablocks":
         return _build_megablocks(config, device, dtype)
     return TorchDroplessMoE(config, device=device, dtype=dtype)
-
-
-def _check_choice_arg(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; pass one of {', '.join(map(repr, allowed))}.")
 
 
 def iter_moe_layers(module: nn.Module) -> Iterator[nn.Module]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lightning_mhc.models.layers import FeedForward, TransformerLM, check_choice, check_int
+from lightning_mhc.config import check_choice, check_int
+from lightning_mhc.models.layers import FeedForward, TransformerLM
 from lightning_mhc.moe import MLP_TYPES
 
 

@@ -16,34 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_mhc.config import check_bool, check_choice, check_float, check_int
 from lightning_mhc.metrics import ExpertLoad
-from lightning_mhc.moe import activation_fn, iter_moe_layers, moe_aux_loss
+from lightning_mhc.moe import MLP_TYPES, activation_fn, iter_moe_layers, moe_aux_loss
 
 NORM_EPS = 1e-6
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; pass an integer >= {minimum}.")
-
-
-def check_float(
-    name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
-) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number between ``low`` and ``high``
-    (each bound included unless marked open)."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value < low or value > high or (low_open and value == low) or (high_open and value == high):
-        lower = f"{'>' if low_open else '>='} {low}"
-        upper = "" if high == math.inf else f" and {'<' if high_open else '<='} {high}"
-        raise ValueError(f"{name}={value!r} is not allowed; pass a finite number {lower}{upper}.")
-
-
-def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; pass one of {', '.join(map(repr, allowed))}.")
 
 
 def rotary_tables(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -97,6 +74,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, ffn_size: int, mlp_type: str = "glu", init_std: float = 0.02) -> None:
         super().__init__()
+        check_choice("mlp_type", mlp_type, MLP_TYPES)
         self.act = activation_fn("silu" if mlp_type == "glu" else "gelu")
         self.up_proj = _init_linear(nn.Linear(d_model, ffn_size, bias=False), init_std)
         self.down_proj = _init_linear(nn.Linear(ffn_size, d_model, bias=False), init_std)
@@ -197,8 +175,7 @@ class TransformerLM(L.LightningModule):
                 "head size (rotary embeddings rotate pairs of channels)."
             )
         check_int("seq_len", seq_len, 1)
-        if not isinstance(tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings={tie_embeddings!r} is not allowed; pass True or False.")
+        check_bool("tie_embeddings", tie_embeddings)
         check_float("rope_theta", rope_theta, 1.0)
         check_float("init_std", init_std, 0.0, low_open=True)
         check_float("lr", lr, 0.0, low_open=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_mhc.models.layers import FeedForward, TransformerLM, check_choice, check_float, check_int
+from lightning_mhc.config import check_bool, check_choice, check_float, check_int
+from lightning_mhc.models.layers import FeedForward, TransformerLM
 from lightning_mhc.moe import BACKENDS, BALANCINGS, MLP_TYPES, MoEConfig, build_moe
 
 
@@ -99,8 +100,7 @@ class MoETransformerLM(TransformerLM):
         check_choice("balancing", balancing, BALANCINGS)
         check_float("aux_loss_weight", aux_loss_weight, 0.0)
         check_float("bias_update_rate", bias_update_rate, 0.0)
-        if not isinstance(normalize_expert_weights, bool):
-            raise ValueError(f"normalize_expert_weights={normalize_expert_weights!r} is not allowed; pass True/False.")
+        check_bool("normalize_expert_weights", normalize_expert_weights)
         check_choice("moe_backend", moe_backend, BACKENDS)
 
         def ffn(index: int) -> nn.Module:
