@@ -20,8 +20,15 @@ INITS = ("paper", "symmetric", "onehot")
 STRUCTURAL_FIELDS = ("streams", "mode", "blocks", "sinkhorn_iters", "readout", "granularity")
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to its first line and ``limit`` characters (a module's repr is its whole tree)."""
+    text = repr(value)
+    first = text.splitlines()[0] if text else text
+    return text if first == text and len(text) <= limit else first[:limit] + "..."
+
+
 def _reject(name: str, value: Any, allowed: str) -> NoReturn:
-    raise ValueError(f"{name}={value!r} is not allowed; pass {allowed}.")
+    raise ValueError(f"{name}={short_repr(value)} is not allowed; pass {allowed}.")
 
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -174,7 +181,7 @@ class MHCConfig:
         """Build from a stored dict, rejecting unknown keys with the list of known ones."""
         if not isinstance(values, dict):
             raise ValueError(
-                f"An MHCConfig is stored as a dict of its fields; got a {type(values).__name__} ({values!r:.80})."
+                f"An MHCConfig is stored as a dict of its fields; got a {type(values).__name__} ({short_repr(values)})."
             )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(map(repr, set(values) - known))

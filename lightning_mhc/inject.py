@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mhc.branches import ResidualWatcher, returns_last_sum
-from lightning_mhc.config import MHCConfig
+from lightning_mhc.config import MHCConfig, check_bool, check_choice, check_int, short_repr
 from lightning_mhc.mhc_block import MHCBlock, split_output, take_hidden
 from lightning_mhc.recompute import recompute_layers
 
@@ -125,6 +125,16 @@ def apply_mhc(
         report = apply_mhc(model, MHCConfig(streams=4), example_input=tokens[:1])
         print(report)
     """
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module={short_repr(module)} is not allowed; pass the torch.nn.Module to inject into.")
+    if isinstance(config, dict):
+        raise ValueError(
+            f"config={short_repr(config)} is not allowed; pass MHCConfig(**config) (or None for the defaults)."
+        )
+    if config is not None and not isinstance(config, MHCConfig):
+        raise ValueError(f"config={short_repr(config)} is not allowed; pass an MHCConfig (or None for the defaults).")
+    if plan is not None:
+        check_plan(plan)
     config = config or MHCConfig()
     if any(isinstance(m, MHCBlock) for m in module.modules()):
         raise RuntimeError("mHC is already injected into this module; inject once (one MHCCallback per Trainer).")
@@ -141,8 +151,17 @@ def apply_mhc(
         block, granularity, branches = stack[i], entry["granularity"], entry["branches"]
         clone_input = bool(entry.get("clone_input", False))
         wrapped = MHCBlock(
-            block, dim, branches, granularity, config, i == 0, i == last, first_sublayer, layers_per_group,
-            clone_input=clone_input, channels_first=channels_first,
+            block,
+            dim,
+            branches,
+            granularity,
+            config,
+            i == 0,
+            i == last,
+            first_sublayer,
+            layers_per_group,
+            clone_input=clone_input,
+            channels_first=channels_first,
         )
         first_sublayer += branches
         wrapped.to(device=_device_of(block))
@@ -190,6 +209,48 @@ def _drop_marker(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -
 def _device_of(block: nn.Module) -> torch.device:
     first = next(block.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+_PLAN_KEYS = {"stack": True, "dim": True, "blocks": True, "channels_first": False}
+_PLAN_BLOCK_KEYS = {"granularity": True, "branches": True, "clone_input": False}
+
+
+def check_plan(plan: Any) -> None:
+    """Raise ``ValueError`` naming the entry unless ``plan`` has the shape ``InjectionReport.plan()`` gives (plain
+    dicts, lists, str, int and bool), as a plan read from an untrusted checkpoint must."""
+    _check_keys("plan", plan, _PLAN_KEYS)
+    if not isinstance(plan["stack"], str):
+        raise ValueError(f"plan['stack']={plan['stack']!r} is not allowed; pass the dotted path of the block stack.")
+    check_int("plan['dim']", plan["dim"], 1)
+    check_bool("plan['channels_first']", plan.get("channels_first", False))
+    blocks = plan["blocks"]
+    if not isinstance(blocks, list) or not blocks:
+        raise ValueError(
+            f"plan['blocks']={short_repr(blocks)} is not allowed; pass a non-empty list, one entry per block."
+        )
+    for i, entry in enumerate(blocks):
+        name = f"plan['blocks'][{i}]"
+        _check_keys(name, entry, _PLAN_BLOCK_KEYS)
+        check_choice(f"{name}['granularity']", entry["granularity"], ("sublayer", "block"))
+        check_int(f"{name}['branches']", entry["branches"], 1)
+        if entry["granularity"] == "block" and entry["branches"] != 1:
+            raise ValueError(
+                f"{name}['branches']={entry['branches']!r} is not allowed with granularity 'block'; pass 1."
+            )
+        check_bool(f"{name}['clone_input']", entry.get("clone_input", False))
+
+
+def _check_keys(name: str, value: Any, keys: dict[str, bool]) -> None:
+    """``value`` is a dict holding every required key (``keys[k]`` true) and no key outside ``keys``."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}={short_repr(value)} is not allowed; pass a dict with keys {list(keys)}.")
+    missing = [k for k, required in keys.items() if required and k not in value]
+    unknown = [k for k in value if k not in keys]
+    if missing or unknown:
+        raise ValueError(
+            f"{name} has keys {list(value)}, not allowed (missing {missing}, unknown {unknown}); pass keys "
+            f"{list(keys)}, optional: {[k for k, required in keys.items() if not required]}."
+        )
 
 
 def _checked_plan(module: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
@@ -356,9 +417,7 @@ def _split_plan(name: str, block: nn.Module, probe: _Probe, config: MHCConfig) -
         out = block(*probe.args, **probe.kwargs)
     out_hidden, _ = split_output(out)
     if not returns_last_sum(watcher, out_hidden):
-        why = (
-            f"found {watcher.branches} additions to the residual, and the block must return its last one unchanged"
-        )
+        why = f"found {watcher.branches} additions to the residual, and the block must return its last one unchanged"
     elif watcher.branches > 1 and not _branches_read_previous_sums(block, probe):
         why = "its residual branches run in parallel on the same input, so they are one branch"
     else:

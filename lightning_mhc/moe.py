@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_mhc.config import check_bool, check_choice, check_float, check_int
+from lightning_mhc.config import check_bool, check_choice, check_float, check_int, short_repr
 
 MLP_TYPES = ("mlp", "glu")
 BALANCINGS = ("aux_loss", "aux_free", "none")
@@ -557,7 +557,7 @@ def build_moe(
     """
     if not isinstance(config, MoEConfig):
         raise ValueError(
-            f"config={config!r:.80} is not allowed; pass a MoEConfig(hidden_size=..., ffn_hidden_size=...)."
+            f"config={short_repr(config)} is not allowed; pass a MoEConfig(hidden_size=..., ffn_hidden_size=...)."
         )
     check_choice("backend", backend, BACKENDS)
     device = torch.device(device) if device is not None else None
