@@ -20,10 +20,13 @@ from torch import Tensor
 
 from lightning_mhc.capture import StreamCapture
 from lightning_mhc.config import STRUCTURAL_FIELDS, MHCConfig
+from lightning_mhc.hyper_connection import HyperConnection
 from lightning_mhc.inject import MARKER_KEY, InjectionReport, apply_mhc
 from lightning_mhc.kernels.dispatch import resolve_backend
 from lightning_mhc.mhc_block import MHCBlock, attach_capture
 from lightning_mhc.monitor import METRIC_KEYS, StabilityMonitor, total_grad_norm
+from lightning_mhc.nonfinite import ON_NONFINITE, NonFiniteError, NonFiniteGuard, first_nonfinite_state
+from lightning_mhc.strategies.pipeline import MHCPipelineStrategy
 
 try:  # lightning >= 2.6
     from lightning.pytorch.callbacks import WeightAveraging
@@ -54,6 +57,11 @@ class MHCCallback(L.Callback):
     metrics (``monitor.METRIC_KEYS``) to every logger of the Trainer, and prints a summary when fitting ends.
     Weight-averaging callbacks (``EMAWeightAveraging``, ``StochasticWeightAveraging``) average the injected model.
 
+    Every optimizer step it checks that the loss, the gradients and every layer's ``H_res`` are finite (one flag read
+    per optimizer step, see :mod:`lightning_mhc.nonfinite`) and acts as ``on_nonfinite`` says; it refuses to write a
+    checkpoint of non-finite weights (raising :class:`~lightning_mhc.nonfinite.NonFiniteError`), so that one never
+    replaces a good checkpoint.
+
     Example::
 
         trainer = L.Trainer(callbacks=[MHCCallback(streams=4)])
@@ -61,10 +69,35 @@ class MHCCallback(L.Callback):
 
     Args:
         config: a full :class:`MHCConfig`; or pass its fields as keyword arguments instead.
+        on_nonfinite: what a non-finite loss, gradient or ``H_res`` does: ``"raise"`` (default; names the step and
+            the first layer found non-finite, before the step is applied), ``"skip"`` (the optimizer step is not
+            applied: its gradients are set to ``None``, which PyTorch optimizers skip; counted in
+            ``mhc/skipped_steps``) or ``"warn"`` (a warning, and the step is applied).
+        max_consecutive_skips: with ``on_nonfinite="skip"``, raise when more steps than this in a row are skipped.
         **fields: ``MHCConfig`` fields (``streams``, ``mode``, ``blocks``, ``sinkhorn_iters``, ``gate_init``, ...).
     """
 
-    def __init__(self, config: MHCConfig | None = None, **fields: Any) -> None:
+    def __init__(
+        self,
+        config: MHCConfig | None = None,
+        *,
+        on_nonfinite: str = "raise",
+        max_consecutive_skips: int = 10,
+        **fields: Any,
+    ) -> None:
+        if not isinstance(on_nonfinite, str) or on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"MHCCallback(on_nonfinite={on_nonfinite!r}) is not allowed; pass one of {list(ON_NONFINITE)}."
+            )
+        if (
+            isinstance(max_consecutive_skips, bool)
+            or not isinstance(max_consecutive_skips, int)
+            or max_consecutive_skips < 1
+        ):
+            raise ValueError(
+                f"MHCCallback(max_consecutive_skips={max_consecutive_skips!r}) is not allowed; pass an integer >= 1 "
+                "(how many optimizer steps in a row on_nonfinite='skip' may skip before it raises)."
+            )
         defaults = MHCConfig()
         fields = {k: v for k, v in fields.items() if config is None or getattr(defaults, k, object()) != v}
         if config is not None and fields:
@@ -85,6 +118,8 @@ class MHCCallback(L.Callback):
         self._capture: StreamCapture | None = None
         self._capture_step = -1
         self._grad_norm = 0.0
+        self.guard = NonFiniteGuard(on_nonfinite, max_consecutive_skips)
+        self._watching: torch.nn.Module | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         mine = [c for c in trainer.callbacks if isinstance(c, MHCCallback)]
@@ -112,6 +147,13 @@ class MHCCallback(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         vars(pl_module).pop("on_load_checkpoint", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"nonfinite": self.guard.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "nonfinite" in state_dict:
+            self.guard.load_state_dict(state_dict["nonfinite"])
 
     def _inject_or_wait(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Inject now, before ``configure_model``, when the block stack exists: a ``configure_model`` that shards or
@@ -163,18 +205,59 @@ class MHCCallback(L.Callback):
         self.monitor = StabilityMonitor(layers).to(pl_module.device)
         self.history = []
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The pipeline composes whatever sits in the capture slot across its stages, a gather per step: there the
+        # loss and gradients are checked, and H_res only through them.
+        watch_h_res = not isinstance(trainer.strategy, MHCPipelineStrategy)
+        modules = pl_module.named_modules() if watch_h_res else ()
+        names = [n for n, m in modules if isinstance(m, HyperConnection) and m.mode != "residual"]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.guard.start(names, check_gradients=scaler is None)
+        self._watching = pl_module if names else None
+        self._attach(pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._watching is not None:
+            attach_capture(pl_module, None)  # validation forwards are not training steps
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._attach(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_watching(pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._stop_watching(pl_module)
+
+    def _attach(self, pl_module: L.LightningModule) -> None:
+        """Point the blocks at the non-finite watch (with the logging capture inside it), or at the capture alone."""
+        if self._watching is not None:
+            self.guard.watch.inner = self._capture
+            attach_capture(pl_module, self.guard.watch)
+        else:
+            attach_capture(pl_module, self._capture)
+
+    def _stop_watching(self, pl_module: L.LightningModule) -> None:
+        self._watching = None
+        self._capture = None
+        attach_capture(pl_module, None)
+
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._capture is None and trainer.global_step % self.config.log_every_n_steps == 0:
             self._capture = StreamCapture()
             self._capture_step = trainer.global_step
-            attach_capture(pl_module, self._capture)
+            self._attach(pl_module)
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        self.guard.observe_loss(loss)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if self._capture is not None:
             # A strategy whose processes each hold part of the gradients (the pipeline) knows the whole norm.
             self._grad_norm = getattr(trainer.strategy, "global_grad_norm", total_grad_norm)(pl_module)
+        self.guard.check(trainer, pl_module, optimizer)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -184,10 +267,10 @@ class MHCCallback(L.Callback):
             self.monitor.observe_loss(loss)
         if self._capture is None or trainer.global_step == self._capture_step:
             return
-        attach_capture(pl_module, None)
-        self.monitor.update(self._capture)
-        self._capture = None
-        metrics = self.monitor.compute(self._grad_norm)
+        capture, self._capture = self._capture, None
+        self._attach(pl_module)
+        self.monitor.update(capture)
+        metrics = {**self.monitor.compute(self._grad_norm), "mhc/skipped_steps": float(self.guard.skipped)}
         self.history.append({"step": self._capture_step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._capture_step)
@@ -323,6 +406,13 @@ def _store_mhc_on_save(module: L.LightningModule, config: MHCConfig) -> None:
 def _save_with_mhc(
     module: L.LightningModule, on_save_checkpoint: Callable[[dict], None], config: MHCConfig, checkpoint: dict
 ) -> None:
+    bad = first_nonfinite_state(module)
+    if bad is not None:
+        raise NonFiniteError(
+            f"Refusing to write a checkpoint: {bad!r} of {type(module).__name__} is non-finite (NaN or inf), and it "
+            "would replace a good checkpoint. Earlier checkpoints are left as they were. To keep this state for "
+            "debugging, torch.save(model.state_dict(), path) it yourself."
+        )
     report = getattr(module, "mhc_report", None)
     if report is not None and _is_injected(module):
         checkpoint[CHECKPOINT_KEY] = {"config": config.to_dict(), "plan": report.plan(), "format": STORED_FORMAT}

@@ -17,6 +17,7 @@ METRIC_KEYS = (
     "mhc/stream_diversity",
     "mhc/grad_norm",
     "mhc/loss_spikes",
+    "mhc/skipped_steps",  # optimizer steps MHCCallback(on_nonfinite="skip") skipped so far (nonfinite.NonFiniteGuard)
 )
 DEPTH_KEY = "mhc/composite_{direction}/depth_{depth:03d}"
 
