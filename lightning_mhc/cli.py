@@ -26,6 +26,7 @@ from typing import Optional
 import jsonargparse
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_mhc.data import ByteLMDataModule
 from lightning_mhc.models import MoETransformerLM, TransformerLM
@@ -52,6 +53,16 @@ class MHCLightningCLI(LightningCLI):
                 "data": {"class_path": f"{ByteLMDataModule.__module__}.{ByteLMDataModule.__name__}"},
             }
         )
+
+    def instantiate_classes(self) -> None:
+        """Build model, data, callbacks and trainer; a value their constructors reject ends the command with that
+        message (``error: ...``, exit status 2) instead of a traceback through jsonargparse."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, MisconfigurationException) as error:
+            while isinstance(error.__cause__, (ValueError, MisconfigurationException)):
+                error = error.__cause__
+            self.parser.error(f"invalid configuration: {error}")
 
 
 def fit_summary(trainer: L.Trainer, datamodule: Optional[L.LightningDataModule], log_dir: Optional[str]) -> str:
