@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, SingleDeviceStrategy
@@ -19,7 +20,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_mhc.capture import StreamCapture
-from lightning_mhc.config import STRUCTURAL_FIELDS, MHCConfig
+from lightning_mhc.config import STRUCTURAL_FIELDS, MHCConfig, check_choice, check_int
 from lightning_mhc.hyper_connection import HyperConnection
 from lightning_mhc.inject import MARKER_KEY, InjectionReport, apply_mhc
 from lightning_mhc.kernels.dispatch import resolve_backend
@@ -85,19 +86,8 @@ class MHCCallback(L.Callback):
         max_consecutive_skips: int = 10,
         **fields: Any,
     ) -> None:
-        if not isinstance(on_nonfinite, str) or on_nonfinite not in ON_NONFINITE:
-            raise ValueError(
-                f"MHCCallback(on_nonfinite={on_nonfinite!r}) is not allowed; pass one of {list(ON_NONFINITE)}."
-            )
-        if (
-            isinstance(max_consecutive_skips, bool)
-            or not isinstance(max_consecutive_skips, int)
-            or max_consecutive_skips < 1
-        ):
-            raise ValueError(
-                f"MHCCallback(max_consecutive_skips={max_consecutive_skips!r}) is not allowed; pass an integer >= 1 "
-                "(how many optimizer steps in a row on_nonfinite='skip' may skip before it raises)."
-            )
+        check_choice("MHCCallback(on_nonfinite)", on_nonfinite, ON_NONFINITE)
+        check_int("MHCCallback(max_consecutive_skips)", max_consecutive_skips, 1)
         defaults = MHCConfig()
         fields = {k: v for k, v in fields.items() if config is None or getattr(defaults, k, object()) != v}
         if config is not None and fields:
@@ -148,13 +138,6 @@ class MHCCallback(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         vars(pl_module).pop("on_load_checkpoint", None)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"nonfinite": self.guard.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "nonfinite" in state_dict:
-            self.guard.load_state_dict(state_dict["nonfinite"])
-
     def _inject_or_wait(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Inject now, before ``configure_model``, when the block stack exists: a ``configure_model`` that shards or
         parallelizes the blocks (FSDP2 ``fully_shard``, tensor parallelism) must find them injected, so that the mHC
@@ -166,6 +149,10 @@ class MHCCallback(L.Callback):
             self._inject(trainer, pl_module, stage)
 
     def _inject(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        with _all_ranks_or_none(trainer, "MHCCallback's injection (its probe forward at setup)"):
+            self._inject_here(trainer, pl_module, stage)
+
+    def _inject_here(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if _is_injected(pl_module):  # e.g. apply_mhc in the module's setup or configure_model
             self._check_same_injection(pl_module)
             return
@@ -288,6 +275,35 @@ def stability_summary(history: list[dict[str, float]]) -> str:
         if values:
             lines.append(f"  {key:<24} {max(values):>10.4g} / {values[-1]:.4g}")
     return "\n".join(lines)
+
+
+@contextmanager
+def _all_ranks_or_none(trainer: L.Trainer, what: str) -> Iterator[None]:
+    """Run ``what`` on every rank, then agree in one all-reduce whether it succeeded everywhere: a rank that failed
+    raises its own error, every other rank an error naming it.
+
+    Without this the other ranks would go on to the next collective (DDP's broadcast of the weights) and wait there
+    for a rank that is gone: gloo notices the closed connection, NCCL only at its timeout (30 minutes by default).
+    """
+    if trainer.world_size == 1 or not dist.is_available() or not dist.is_initialized():
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as caught:  # re-raised below, after the other ranks have heard of it
+        error = caught
+    failed = torch.zeros(trainer.world_size, device=trainer.strategy.root_device)
+    failed[trainer.global_rank] = float(error is not None)
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    ranks = failed.nonzero().flatten().tolist()
+    if ranks:
+        raise RuntimeError(
+            f"{what} failed on rank(s) {ranks}; their error is in their output. Rank {trainer.global_rank} stops too "
+            "instead of waiting for them at the next collective."
+        )
 
 
 def _has_block_stack(module: torch.nn.Module, config: MHCConfig) -> bool:

@@ -76,7 +76,8 @@ class NonFiniteGuard:
             step is applied).
         max_consecutive_skips: with ``"skip"``, raise once more than this many steps in a row were skipped.
 
-    ``skipped`` (steps skipped so far) and ``consecutive`` (non-finite steps in a row) are its checkpointed state.
+    ``skipped`` counts the steps this guard (its callback) skipped, over all its fits. It is not checkpointed: a
+    stateful callback would make Lightning refuse a second MHCCallback on one Trainer before ours can say why.
     """
 
     def __init__(self, on_nonfinite: str, max_consecutive_skips: int) -> None:
@@ -146,12 +147,6 @@ class NonFiniteGuard:
                 "batch. Resume from the last checkpoint with a lower learning rate, or find the layer named above."
             )
         rank_zero_warn(f"{message} Skipped the step (on_nonfinite='skip', {self.skipped} skipped so far).")
-
-    def state_dict(self) -> dict[str, int]:
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.skipped, self.consecutive = state["skipped"], state["consecutive"]
 
 
 def _total_norm(params: list[nn.Parameter]) -> Tensor:

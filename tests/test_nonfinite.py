@@ -3,6 +3,7 @@ skipped or warned about; a checkpoint of non-finite weights is refused; bad argu
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -170,28 +171,14 @@ def test_manual_optimization(on_nonfinite):
 @pytest.mark.parametrize(
     ("kwargs", "field", "allowed"),
     [
-        ({"on_nonfinite": "ignore"}, "on_nonfinite='ignore'", r"\['raise', 'skip', 'warn'\]"),
-        ({"on_nonfinite": None}, "on_nonfinite=None", r"\['raise', 'skip', 'warn'\]"),
-        ({"max_consecutive_skips": 0}, "max_consecutive_skips=0", "integer >= 1"),
-        ({"max_consecutive_skips": 2.5}, "max_consecutive_skips=2.5", "integer >= 1"),
-        ({"max_consecutive_skips": True}, "max_consecutive_skips=True", "integer >= 1"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite)='ignore'", "one of 'raise', 'skip', 'warn'"),
+        ({"on_nonfinite": None}, "on_nonfinite)=None", "one of 'raise', 'skip', 'warn'"),
+        ({"max_consecutive_skips": 0}, "max_consecutive_skips)=0", "an integer >= 1"),
+        ({"max_consecutive_skips": 2.5}, "max_consecutive_skips)=2.5", "an integer >= 1"),
+        ({"max_consecutive_skips": True}, "max_consecutive_skips)=True", "an integer >= 1"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs, field, allowed):
-    with pytest.raises(ValueError, match=rf"MHCCallback\({field}\) is not allowed; pass .*{allowed}"):
+    with pytest.raises(ValueError, match=rf"^MHCCallback\({re.escape(field)} is not allowed; pass {allowed}\.$"):
         MHCCallback(streams=4, **kwargs)
 
-
-def test_skip_count_is_checkpointed_and_restored(tmp_path):
-    callback = MHCCallback(streams=4, on_nonfinite="skip")
-    with pytest.warns(UserWarning):
-        fit(
-            NaNLossAt(),
-            callback,
-            steps=8,
-            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
-            enable_checkpointing=True,
-        )
-    resumed = MHCCallback(streams=4, on_nonfinite="skip")
-    fit(NaNLossAt(bad_steps=()), resumed, steps=9, ckpt_path=str(tmp_path / "last.ckpt"))
-    assert resumed.guard.skipped == 1
