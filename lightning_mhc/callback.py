@@ -199,8 +199,7 @@ class MHCCallback(L.Callback):
         modules = pl_module.named_modules() if watch_h_res else ()
         names = [n for n, m in modules if isinstance(m, HyperConnection) and m.mode != "residual"]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.guard.start(names, check_gradients=scaler is None)
-        self._watching = pl_module if names else None
+        self._watching = pl_module if self.guard.start(names, check_gradients=scaler is None) else None
         self._attach(pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -25,7 +25,13 @@ ON_NONFINITE = ("raise", "skip", "warn")
 
 
 class NonFiniteError(RuntimeError):
-    """Training reached a non-finite loss, gradient, ``H_res`` or weight (``MHCCallback(on_nonfinite=...)``)."""
+    """Training reached a non-finite loss, gradient, ``H_res`` or weight (``MHCCallback(on_nonfinite=...)``).
+
+    ``step`` is the global step whose update was refused (``None`` for a refused checkpoint)."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class FiniteWatch:
@@ -90,14 +96,16 @@ class NonFiniteGuard:
         self.consecutive = 0
         self._loss_sum: Tensor | None = None
 
-    def start(self, layer_names: list[str], check_gradients: bool = True) -> None:
-        """Begin a fit. ``layer_names``: module names of the layers whose ``H_res`` the watch sees, in depth order
-        (empty when it is not attached). ``check_gradients=False`` under a gradient scaler (fp16 ``16-mixed``): there
-        inf gradients are routine and the scaler skips those steps itself; loss and ``H_res`` are still checked."""
+    def start(self, layer_names: list[str], check_gradients: bool = True) -> bool:
+        """Begin a fit; returns whether to attach :attr:`watch` to the blocks. ``layer_names``: module names of the
+        layers whose ``H_res`` the watch would see, in depth order (empty: none to watch). ``check_gradients=False``
+        under a gradient scaler (fp16 ``16-mixed``): there inf gradients are routine and the scaler skips those steps
+        itself; loss and ``H_res`` are still checked."""
         self.layer_names = layer_names
         self.check_gradients = check_gradients
         self.watch.reset()
         self._loss_sum = None
+        return bool(layer_names)
 
     def observe_loss(self, loss: Tensor) -> None:
         """Fold one backward's loss into the step's sum (device-side, no sync)."""
@@ -136,7 +144,8 @@ class NonFiniteGuard:
         if self.on_nonfinite == "raise":
             raise NonFiniteError(
                 f"{message} The step was not applied. Pass MHCCallback(on_nonfinite='skip') to skip such steps "
-                "(counted in mhc/skipped_steps), or 'warn' to go on regardless."
+                "(counted in mhc/skipped_steps), or 'warn' to go on regardless.",
+                step=trainer.global_step,
             )
         optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
@@ -144,7 +153,8 @@ class NonFiniteGuard:
             raise NonFiniteError(
                 f"{message} That is {self.consecutive} non-finite steps in a row, more than "
                 f"max_consecutive_skips={self.max_consecutive_skips}: the weights or the data are broken, not one "
-                "batch. Resume from the last checkpoint with a lower learning rate, or find the layer named above."
+                "batch. Resume from the last checkpoint with a lower learning rate, or find the layer named above.",
+                step=trainer.global_step,
             )
         rank_zero_warn(f"{message} Skipped the step (on_nonfinite='skip', {self.skipped} skipped so far).")
 
