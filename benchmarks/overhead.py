@@ -4,11 +4,15 @@ Every configuration is the same nanoGPT-style model (DESIGN §4: d=256, 8 blocks
 2 threads) trained with AdamW. All models are built up front and timed in interleaved rounds, so drift on a
 shared machine hits every configuration alike; the table reports median step times and the median over rounds of
 each configuration's ratio to the plain residual timed in the same round, in wall and in process CPU time. A
-torch.profiler pass over one mHC step then splits its time into Sinkhorn, coefficients, pre-mix, merge and the rest
-(backward ops are charged to the forward op that created them, matched by autograd sequence number).
+torch.profiler pass over one mHC step then splits its time into the read (coefficients with Sinkhorn, and the
+pre-mix), the merge, the per-block readout and the rest (backward ops are charged to the forward op that created
+them, matched by autograd sequence number). The peer is an optional dependency (``pip install hyper-connections``);
+without it its rows are left out.
 
-    python benchmarks/overhead.py                # full sizes; ~150 s of timed rounds, ~5 min in all on 2 busy cores
+    python benchmarks/overhead.py                # full sizes, n = 4; ~150 s of timed rounds, ~5 min in all
     python benchmarks/overhead.py --budget 600   # more rounds, tighter medians
+    python benchmarks/overhead.py --targets --compile --streams 2 4 8  # plain, mHC and peer only, eager and
+                                                 # under torch.compile (compiled ratios are to the compiled plain)
     python benchmarks/overhead.py --quick        # tiny sizes, 2 rounds (CI smoke)
 """
 
@@ -27,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from hyper_connections import mc_get_init_and_expand_reduce_stream_functions
 from torch import Tensor, nn
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -35,20 +38,23 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from lightning_mhc import MHCConfig, apply_mhc, hyper_connection
 from lightning_mhc.branches import ResidualWatcher
 from lightning_mhc.capture import StreamCapture
-from lightning_mhc.kernels import reference
 from lightning_mhc.kernels.dispatch import KernelOps
-from lightning_mhc.mhc_block import attach_capture
+from lightning_mhc.mhc_block import MHCBlock, attach_capture
 from lightning_mhc.monitor import StabilityMonitor, total_grad_norm
 
-STREAMS = 4
+try:
+    from hyper_connections import mc_get_init_and_expand_reduce_stream_functions
+except ImportError:
+    mc_get_init_and_expand_reduce_stream_functions = None
+
 EVALUATE = "autograd::engine::evaluate_function: "
 PHASES = {"model/forward": "model forward (rest)", "model/backward": "model backward (rest)", "optimizer": "AdamW"}
 MHC_RANGES = {
-    "mhc/logits": "mHC logits (x @ phi, RMS)",
-    "mhc/sinkhorn": "mHC Sinkhorn (fwd + bwd)",
-    "mhc/coefficients": "mHC coefficients (rest)",
-    "mhc/pre_mix": "mHC pre_mix",
+    "mhc/read": "mHC read (x @ phi, RMS, Sinkhorn, pre-mix)",
+    "mhc/coefficients": "mHC coefficients (HC mode)",
+    "mhc/pre_mix": "mHC pre_mix (HC mode)",
     "mhc/merge": "mHC merge",
+    "mhc/readout": "mHC per-block readout (mean of streams)",
 }
 
 
@@ -145,15 +151,23 @@ class PeerBlock(nn.Module):
 
 
 class Case:
-    """One configuration: a model, its AdamW and, for logging steps, a hook run around each step."""
+    """One configuration: a model, its AdamW, the case whose same-round step time its ratio is taken to (``None``:
+    the first case) and, for logging steps, a hook run around each step. ``compiled`` runs ``torch.compile(model)``."""
 
     def __init__(
-        self, name: str, model: nn.Module, batch: Tensor, logging: Callable[[], Callable[[Tensor], None]] | None = None
+        self,
+        name: str,
+        model: nn.Module,
+        batch: Tensor,
+        logging: Callable[[], Callable[[Tensor], None]] | None = None,
+        baseline: str | None = None,
+        compiled: bool = False,
     ) -> None:
         self.name = name
-        self.model = model
+        self.model = torch.compile(model) if compiled else model
         self.tokens, self.targets = batch[:, :-1], batch[:, 1:]
         self.logging = logging
+        self.baseline = baseline
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
 
     def step(self) -> None:
@@ -176,15 +190,15 @@ def _gpt(s: Sizes) -> GPT:
     return GPT(s)
 
 
-def _mhc(s: Sizes, example: Tensor, **fields: object) -> tuple[GPT, int]:
+def _mhc(s: Sizes, example: Tensor, streams: int, **fields: object) -> tuple[GPT, int]:
     model = _gpt(s)
-    report = apply_mhc(model, MHCConfig(streams=STREAMS, blocks="blocks", kernels="torch", **fields), example)
+    report = apply_mhc(model, MHCConfig(streams=streams, blocks="blocks", kernels="torch", **fields), example)
     return model, report.branches
 
 
-def _peer(s: Sizes) -> GPT:
+def _peer(s: Sizes, streams: int) -> GPT:
     model = _gpt(s)
-    init_hyper_conn, expand, reduce = mc_get_init_and_expand_reduce_stream_functions(STREAMS, sinkhorn_iters=20)
+    init_hyper_conn, expand, reduce = mc_get_init_and_expand_reduce_stream_functions(streams, sinkhorn_iters=20)
     model.blocks = nn.ModuleList(PeerBlock(b, init_hyper_conn, i) for i, b in enumerate(model.blocks))
     model.expand, model.reduce = expand, reduce
     return model
@@ -219,28 +233,41 @@ def _capture_and_metrics(model: nn.Module, layers: int) -> Callable[[], Callable
     return begin
 
 
-def build_cases(s: Sizes) -> list[Case]:
-    """Every configuration of the table, first the plain residual (the ratios' baseline)."""
-    g = torch.Generator().manual_seed(1)
-    batch = torch.randint(0, s.vocab, (s.batch, s.seq + 1), generator=g)
+PLAIN, PLAIN_COMPILED = "plain residual", "plain residual, compiled"
+
+
+def _mhc_name(streams: int, branches: int) -> str:
+    return f"mHC n={streams}, sublayer ({branches} HCs)"
+
+
+def _target_cases(s: Sizes, batch: Tensor, streams: int, compiled: bool) -> list[Case]:
+    """mHC (sublayer) and, where installed, the peer at ``streams``; compiled ones are compared to the compiled
+    plain residual."""
+    suffix, baseline = (", compiled", PLAIN_COMPILED) if compiled else ("", None)
+    model, branches = _mhc(s, batch[:1, :-1], streams, granularity="sublayer")
+    cases = [Case(_mhc_name(streams, branches) + suffix, model, batch, baseline=baseline, compiled=compiled)]
+    if mc_get_init_and_expand_reduce_stream_functions is not None:
+        name = f"peer hyper-connections mHC n={streams} ({branches} HCs){suffix}"
+        cases.append(Case(name, _peer(s, streams), batch, baseline=baseline, compiled=compiled))
+    return cases
+
+
+def _detail_cases(s: Sizes, batch: Tensor, streams: int) -> list[Case]:
+    """Branch-splitting dispatch alone, block granularity, HC mode and the logging-step variants at ``streams``."""
     example = batch[:1, :-1]
     watched = _gpt(s)
     watched.blocks = nn.ModuleList(Watched(b) for b in watched.blocks)
-    sublayer, branches = _mhc(s, example, granularity="sublayer")
-    block, block_branches = _mhc(s, example, granularity="block")
-    hc, _ = _mhc(s, example, granularity="sublayer", mode="hc")
-    detached, _ = _mhc(s, example, granularity="sublayer")
+    block, block_branches = _mhc(s, example, streams, granularity="block")
+    hc, branches = _mhc(s, example, streams, granularity="sublayer", mode="hc")
+    detached, _ = _mhc(s, example, streams, granularity="sublayer")
     attach_capture(detached, StreamCapture())
     attach_capture(detached, None)
-    logged, _ = _mhc(s, example, granularity="sublayer")
-    logged_metrics, _ = _mhc(s, example, granularity="sublayer")
+    logged, _ = _mhc(s, example, streams, granularity="sublayer")
+    logged_metrics, _ = _mhc(s, example, streams, granularity="sublayer")
     return [
-        Case("plain residual", _gpt(s), batch),
         Case("plain + no-op ResidualWatcher (dispatch only)", watched, batch),
-        Case(f"mHC n={STREAMS}, sublayer ({branches} HCs)", sublayer, batch),
-        Case(f"mHC n={STREAMS}, block ({block_branches} HCs)", block, batch),
-        Case(f"HC n={STREAMS}, sublayer ({branches} HCs)", hc, batch),
-        Case(f"peer hyper-connections mHC n={STREAMS} ({branches} HCs)", _peer(s), batch),
+        Case(f"mHC n={streams}, block ({block_branches} HCs)", block, batch),
+        Case(f"HC n={streams}, sublayer ({branches} HCs)", hc, batch),
         Case("mHC sublayer, capture attached once, detached", detached, batch),
         Case("mHC sublayer, logging step (fresh capture)", logged, batch, _capture_each_step(logged)),
         Case(
@@ -250,6 +277,24 @@ def build_cases(s: Sizes) -> list[Case]:
             _capture_and_metrics(logged_metrics, branches),
         ),
     ]
+
+
+def build_cases(s: Sizes, streams: list[int], targets: bool = False, compiled: bool = False) -> list[Case]:
+    """The configurations of the table, first the plain residual (the ratios' baseline): mHC and the peer at every
+    stream count, then (unless ``targets``) the detail rows at the first one, then (with ``compiled``) the compiled
+    plain residual and the compiled mHC and peer."""
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, s.vocab, (s.batch, s.seq + 1), generator=g)
+    cases = [Case(PLAIN, _gpt(s), batch)]
+    for n in streams:
+        cases += _target_cases(s, batch, n, compiled=False)
+    if not targets:
+        cases += _detail_cases(s, batch, streams[0])
+    if compiled:
+        cases.append(Case(PLAIN_COMPILED, _gpt(s), batch, compiled=True))
+        for n in streams:
+            cases += _target_cases(s, batch, n, compiled=True)
+    return cases
 
 
 @dataclass
@@ -263,9 +308,11 @@ class Timing:
 
 
 def measure(cases: list[Case], budget_s: float, min_rounds: int) -> tuple[dict[str, Timing], int]:
-    """One warm-up step per case, then rounds of one timed step per case (order rotating each round) until
-    ``budget_s`` is spent and at least ``min_rounds`` ran; ratios are to ``cases[0]`` in the same round."""
+    """One warm-up step per case (two for compiled ones, compiling), then rounds of one timed step per case (order
+    rotating each round) until ``budget_s`` is spent and at least ``min_rounds`` ran; ratios are to each case's
+    baseline (``cases[0]`` by default) in the same round."""
     for case in cases:
+        case.step()
         case.step()
     wall: dict[str, list[float]] = {c.name: [] for c in cases}
     cpu: dict[str, list[float]] = {c.name: [] for c in cases}
@@ -280,13 +327,12 @@ def measure(cases: list[Case], budget_s: float, min_rounds: int) -> tuple[dict[s
         rounds += 1
         print(f"round {rounds} done after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
-    def ratio(values: dict[str, list[float]], name: str) -> float:
-        return statistics.median(a / b for a, b in zip(values[name], values[cases[0].name]))
+    def ratio(values: dict[str, list[float]], case: Case) -> float:
+        baseline = case.baseline or cases[0].name
+        return statistics.median(a / b for a, b in zip(values[case.name], values[baseline]))
 
     timings = {
-        c.name: Timing(
-            statistics.median(wall[c.name]), ratio(wall, c.name), statistics.median(cpu[c.name]), ratio(cpu, c.name)
-        )
+        c.name: Timing(statistics.median(wall[c.name]), ratio(wall, c), statistics.median(cpu[c.name]), ratio(cpu, c))
         for c in cases
     }
     return timings, rounds
@@ -304,26 +350,25 @@ def _labelled(fn: Callable[..., Tensor], label: str) -> Callable[..., Tensor]:
 def labelled_mhc_ops() -> Iterator[None]:
     """Wrap the torch backend's mHC steps in profiler ranges named ``mhc/*`` for the duration of the block."""
     get_ops = hyper_connection.get_ops
-    originals = {"mhc_logits": reference.mhc_logits, "sinkhorn": reference.sinkhorn}
+    read_out = MHCBlock._read_out
 
     def labelled_ops(backend: str) -> KernelOps:
         ops = get_ops(backend)
         return dataclasses.replace(
             ops,
+            mhc_read=_labelled(ops.mhc_read, "mhc/read"),
             mhc_coefficients=_labelled(ops.mhc_coefficients, "mhc/coefficients"),
             pre_mix=_labelled(ops.pre_mix, "mhc/pre_mix"),
             merge=_labelled(ops.merge, "mhc/merge"),
         )
 
     hyper_connection.get_ops = labelled_ops
-    reference.mhc_logits = _labelled(originals["mhc_logits"], "mhc/logits")
-    reference.sinkhorn = _labelled(originals["sinkhorn"], "mhc/sinkhorn")
+    MHCBlock._read_out = _labelled(read_out, "mhc/readout")
     try:
         yield
     finally:
         hyper_connection.get_ops = get_ops
-        reference.mhc_logits = originals["mhc_logits"]
-        reference.sinkhorn = originals["sinkhorn"]
+        MHCBlock._read_out = read_out
 
 
 def _owner(event: FunctionEvent, by_sequence: dict[int, str]) -> str:
@@ -376,26 +421,30 @@ def main() -> None:
     parser.add_argument(
         "--budget", type=float, default=None, help="seconds of timed rounds after warm-up (default 150, quick 0)"
     )
+    parser.add_argument("--streams", type=int, nargs="+", default=[4], help="stream counts n of the mHC rows")
+    parser.add_argument("--targets", action="store_true", help="only the plain residual, mHC and the peer")
+    parser.add_argument("--compile", action="store_true", help="also every target row under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else FULL
     budget = args.budget if args.budget is not None else (0.0 if args.quick else 150.0)
 
-    cases = build_cases(s)
+    cases = build_cases(s, args.streams, args.targets, args.compile)
     timings, rounds = measure(cases, budget, min_rounds=2 if args.quick else 3)
     print(f"## mHC training-step overhead (fp32, CPU)\n\n{machine()}")
     print(
         f"d={s.dim}, {s.depth} blocks, {s.heads} heads, batch {s.batch}x{s.seq}, AdamW; {rounds} interleaved rounds of "
-        "one step per config; ratios are medians over rounds of same-round ratios to the plain residual (wall time, "
-        "and process CPU time, which a busy machine inflates less).\n"
+        "one step per config; ratios are medians over rounds of same-round ratios to the plain residual (compiled "
+        "rows: to the compiled plain residual), in wall time and in process CPU time, which a busy machine inflates "
+        "less.\n"
     )
     print("| config | median step ms | x plain | median CPU ms | CPU x plain |\n|---|---:|---:|---:|---:|")
     for case in cases:
         t = timings[case.name]
         print(f"| {case.name} | {t.wall_ms:.1f} | {t.wall_ratio:.2f} | {t.cpu_ms:.1f} | {t.cpu_ratio:.2f} |")
 
-    mhc = cases[2].name
-    owners, ops, total = breakdown(cases[2])
+    mhc = next(c for c in cases if c.name.startswith("mHC n=")).name
+    owners, ops, total = breakdown(next(c for c in cases if c.name == mhc))
     print(f"\n### Where the time goes: {mhc} (torch.profiler, {total:.1f} ms in the profiled step)\n")
     print("| part | self CPU ms | share |\n|---|---:|---:|")
     for owner, ms in sorted(owners.items(), key=lambda kv: -kv[1]):
@@ -403,7 +452,10 @@ def main() -> None:
     print("\n| top ops by self CPU | calls | ms | share |\n|---|---:|---:|---:|")
     for name, calls, ms in ops:
         print(f"| {name} | {calls} | {ms:.1f} | {100 * ms / total:.1f}% |")
-    plain, watched, block = (timings[c.name] for c in (cases[0], cases[1], cases[3]))
+    if args.targets:
+        return
+    plain, watched = timings[PLAIN], timings["plain + no-op ResidualWatcher (dispatch only)"]
+    block = next(timings[c.name] for c in cases if ", block (" in c.name)
     print(
         f"\nTorchFunctionMode dispatch alone (no-op watcher on the plain model): "
         f"{watched.wall_ms - plain.wall_ms:+.1f} ms/step, {watched.wall_ratio - 1:+.2f}x plain; "

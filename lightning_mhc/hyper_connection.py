@@ -93,9 +93,15 @@ class HyperConnection(Float32Parameters):
         """Branch input ``H_pre · x`` and the coefficients ``write`` needs (``capture`` as in ``coefficients``)."""
         if self.mode == "residual":
             return x.squeeze(-2), None
-        coeffs = self.coefficients(x, capture)
+        if self.mode == "hc":
+            coeffs = self.coefficients(x, capture)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self._ops(x).pre_mix(x, coeffs.h_pre), coeffs
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._ops(x).pre_mix(x, coeffs.h_pre), coeffs
+            mixed, coeffs = self._ops(x).mhc_read(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters)
+        if capture and self.capture is not None:
+            self.capture.add_h_res(coeffs.h_res)
+        return mixed, coeffs
 
     def write(self, x: Tensor, branch_out: Tensor, coeffs: Coefficients | None) -> Tensor:
         """New streams ``H_res · x + H_post^T · F``, in the dtype of ``x`` (autocast off: the stream is never

@@ -210,11 +210,22 @@ class MHCBlock(nn.Module):
             return True
         return not torch.compiler.is_compiling() and _saved_tensor_hooks_active()
 
+    def _recomputes(self) -> bool:
+        """Whether this call runs selective recomputation: asked for, gradients on, no activation checkpointing
+        already, and not under ``torch.compile`` (whose graph the saved-tensor hooks of ``recompute.py`` cannot enter;
+        there the compiler's partitioner chooses what backward keeps, so a compiled model stays one graph)."""
+        return (
+            self.recompute_layers is not None
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and not self._activations_checkpointed()
+        )
+
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         hidden, with_hidden = take_hidden(args, kwargs)
         streams = self._streams_in(hidden)
         chain = None
-        if self.recompute_layers is not None and torch.is_grad_enabled() and not self._activations_checkpointed():
+        if self._recomputes():
             chain = RecomputeChain(self.recompute_layers)
             if not self.first:
                 chain = RecomputeChain.take(streams, chain)

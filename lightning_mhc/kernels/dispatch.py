@@ -15,7 +15,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from lightning_mhc.kernels import reference
+from lightning_mhc.kernels import fast, reference
 from lightning_mhc.kernels.reference import Coefficients
 
 BACKENDS = ("auto", "triton", "torch")
@@ -23,13 +23,15 @@ BACKENDS = ("auto", "triton", "torch")
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The mHC steps of one backend, with ``reference``'s signatures and dtypes."""
+    """The mHC steps of one backend, with ``reference``'s signatures and dtypes; ``mhc_read`` is
+    ``mhc_coefficients`` followed by ``pre_mix`` (the branch input and the coefficients), fused where it can be."""
 
     mhc_logits: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
     sinkhorn: Callable[[Tensor, int], Tensor]
     pre_mix: Callable[[Tensor, Tensor], Tensor]
     merge: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
     mhc_coefficients: Callable[[Tensor, Tensor, Tensor, Tensor, int], Coefficients]
+    mhc_read: Callable[[Tensor, Tensor, Tensor, Tensor, int], tuple[Tensor, Coefficients]]
 
 
 @cache
@@ -70,20 +72,28 @@ def resolve_backend(kernels: str, device: torch.device | str) -> str:
     return "triton"
 
 
-def _reference_coefficients(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> Coefficients:
-    logits = reference.mhc_logits(x, phi, alpha, bias)
-    return reference.coefficients_from_logits(logits, x.shape[-2], "mhc", iters)
+def _torch_coefficients(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> Coefficients:
+    pre, post, res = reference.split_logits(reference.mhc_logits(x, phi, alpha, bias), x.shape[-2])
+    return Coefficients(torch.sigmoid(pre), 2 * torch.sigmoid(post), fast.sinkhorn(res, iters))
+
+
+def _triton_read(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> tuple[Tensor, Coefficients]:
+    from lightning_mhc.kernels import ops
+
+    coeffs = ops.mhc_coefficients(x, phi, alpha, bias, iters)
+    return ops.pre_mix(x, coeffs.h_pre), coeffs
 
 
 @cache
 def get_ops(backend: str) -> KernelOps:
-    """The functions of a resolved backend (``"torch"`` or ``"triton"``); imports Triton for the latter."""
+    """The functions of a resolved backend (``"torch"``: the fast torch path of ``fast.py``, checked against
+    ``reference``; ``"triton"``); imports Triton for the latter."""
     if backend == "torch":
         return KernelOps(
-            reference.mhc_logits, reference.sinkhorn, reference.pre_mix, reference.merge, _reference_coefficients
+            reference.mhc_logits, fast.sinkhorn, reference.pre_mix, fast.merge, _torch_coefficients, fast.read
         )
     if backend == "triton":
         from lightning_mhc.kernels import ops
 
-        return KernelOps(ops.mhc_logits, ops.sinkhorn, ops.pre_mix, ops.merge, ops.mhc_coefficients)
+        return KernelOps(ops.mhc_logits, ops.sinkhorn, ops.pre_mix, ops.merge, ops.mhc_coefficients, _triton_read)
     raise ValueError(f"backend={backend!r} is not resolved; pass 'torch' or 'triton' (see resolve_backend).")

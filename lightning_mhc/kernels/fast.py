@@ -1,0 +1,231 @@
+"""The fast torch path: the mHC steps as three autograd Functions with analytic backwards, equal to ``reference``.
+
+Used on CPU, on GPUs without Triton, and as what ``torch.compile`` traces. Two ideas make it fast in eager mode:
+
+- **Tokens last for the small maps.** The coefficient logits are computed as ``phi^T @ v^T`` (one matmul, shape
+  ``(n*n + 2n, tokens)``), so every elementwise step after it, and all of Sinkhorn's iterations on ``(n, n, tokens)``,
+  run over long contiguous rows of tokens instead of tiny ``n x n`` blocks: ATen's reductions over the leading
+  dimensions vectorise, and Sinkhorn costs about a twentieth of the ``(tokens, n, n)`` formulation.
+- **Few passes over the stream state ``(..., n, C)``.** ``read`` is the coefficients and the pre-mix in one
+  Function: forward reads the stream for the RMS, the projection and the pre-mix and saves nothing stream-sized
+  beyond the stream itself; backward writes one stream-sized gradient (the projection's, with the RMS and
+  pre-mix terms added in place). ``merge`` is one batched matmul plus an in-place ``addcmul`` each way.
+
+Coefficient arithmetic is fp32 (fp64 stays fp64, for gradcheck); the stream keeps its dtype and is upcast only
+where the projection needs it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_mhc.kernels.reference import RMS_EPS, SINKHORN_EPS, Coefficients, at_least_fp32
+
+
+def _sinkhorn_forward(logits: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp on ``(n, n, tokens)`` logits (tokens last), exactly ``reference.sinkhorn_unrolled``'s steps."""
+    m = torch.exp(logits - logits.amax(dim=(0, 1), keepdim=True)).add_(SINKHORN_EPS)
+    for _ in range(iters):
+        m.div_(m.sum(0, keepdim=True))
+        m.div_(m.sum(1, keepdim=True))
+    return m
+
+
+def _sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+    """Gradient wrt ``(n, n, tokens)`` logits: recompute the iterates, then ``reference.Sinkhorn.backward``'s steps."""
+    shift = logits.amax(dim=(0, 1), keepdim=True)
+    e = torch.exp(logits - shift)
+    m = e + SINKHORN_EPS
+    trace = []
+    for _ in range(iters):
+        col = m.sum(0, keepdim=True)
+        after_cols = m / col
+        row = after_cols.sum(1, keepdim=True)
+        m = after_cols / row
+        trace.append((col, after_cols, row, m))
+    g = grad
+    for col, after_cols, row, out in reversed(trace):
+        g = (g - (g * out).sum(1, keepdim=True)) / row
+        g = (g - (g * after_cols).sum(0, keepdim=True)) / col
+    ge = g * e
+    is_max = (logits == shift).to(ge.dtype)
+    share = is_max / is_max.sum(dim=(0, 1), keepdim=True)
+    return ge - share * ge.sum(dim=(0, 1), keepdim=True)
+
+
+def _tokens_last(t: Tensor, dims: int) -> Tensor:
+    """``(..., *d)`` with ``dims`` trailing dimensions to a contiguous ``(*d, tokens)`` in at least fp32."""
+    flat = at_least_fp32(t).reshape(-1, *t.shape[t.dim() - dims :])
+    return flat.permute(*range(1, dims + 1), 0).contiguous()
+
+
+def _tokens_first(t: Tensor, lead: torch.Size) -> Tensor:
+    """Inverse of ``_tokens_last``: ``(*d, tokens)`` to a contiguous ``(*lead, *d)``."""
+    return t.permute(t.dim() - 1, *range(t.dim() - 1)).contiguous().view(*lead, *t.shape[:-1])
+
+
+class _Sinkhorn(torch.autograd.Function):
+    """Doubly stochastic projection saving only the logits (the backward recomputes the iterates), tokens last."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, iters: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits)
+        ctx.iters = iters
+        return _tokens_first(_sinkhorn_forward(_tokens_last(logits, 2), iters), logits.shape[:-2])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (logits,) = ctx.saved_tensors
+        grad = _sinkhorn_backward(_tokens_last(logits, 2), _tokens_last(grad_out, 2), ctx.iters)
+        return _tokens_first(grad, logits.shape[:-2]).to(logits.dtype), None
+
+
+def sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    """``reference.sinkhorn``: ``(..., n, n)`` logits to an fp32 doubly stochastic matrix, recomputing backward."""
+    return _Sinkhorn.apply(logits, iters)
+
+
+def _gains(alpha: Tensor, n: int) -> Tensor:
+    """``alpha`` per logit row: ``[alpha_pre] * n + [alpha_post] * n + [alpha_res] * n*n``, as a column."""
+    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+
+
+class _Read(torch.autograd.Function):
+    """``(H_pre · x, H_pre, H_post, H_res)`` of mHC: ``reference.mhc_logits``, ``coefficients_from_logits`` and
+    ``pre_mix`` in one Function. Saves the stream (an input, kept anyway), the ``(n*n + 2n, tokens)`` projection,
+    the RMS and ``H_pre``; everything else is recomputed in backward from those."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> tuple[Tensor, ...]:  # type: ignore[override]
+        n, c = x.shape[-2:]
+        lead = x.shape[:-2]
+        v = at_least_fp32(x.reshape(-1, n * c))
+        proj = torch.mm(phi.to(v.dtype).t(), v.t())  # (n*n + 2n, tokens)
+        rms = torch.sqrt(torch.linalg.vector_norm(v, dim=-1).square_().div_(n * c).add_(RMS_EPS))
+        h_pre, h_post, res_logits = _activate_logits(proj, rms, alpha, bias, n)
+        h_res = _sinkhorn_forward(res_logits, iters)
+        pre_tokens = _tokens_first(h_pre, lead)
+        mixed = torch.matmul(pre_tokens.to(x.dtype).unsqueeze(-2), x).squeeze(-2)
+        ctx.save_for_backward(x, phi, alpha, bias, proj, rms, h_pre)
+        ctx.iters = iters
+        ctx.set_materialize_grads(False)
+        return mixed, pre_tokens, _tokens_first(h_post, lead), _tokens_first(h_res, lead)
+
+    @staticmethod
+    def backward(ctx, g_mixed: Tensor | None, g_pre: Tensor | None, g_post: Tensor | None, g_res: Tensor | None):  # type: ignore[override]
+        x, phi, alpha, bias, proj, rms, h_pre = ctx.saved_tensors
+        n, c = x.shape[-2:]
+        x3 = x.reshape(-1, n, c)
+        tokens = x3.shape[0]
+        dt = proj.dtype
+        d_pre = torch.zeros_like(h_pre) if g_pre is None else _tokens_last(g_pre, 1)
+        if g_mixed is not None:
+            g_mixed = g_mixed.reshape(tokens, 1, c)
+            d_pre = d_pre + torch.matmul(g_mixed.to(x.dtype), x3.transpose(-1, -2)).view(tokens, n).t().to(dt)
+        d_post = None if g_post is None else _tokens_last(g_post, 1)
+        d_res = None if g_res is None else _tokens_last(g_res, 2)
+        d_proj, d_rms, d_alpha, d_bias = _activate_backward(
+            proj, rms, alpha, bias, n, ctx.iters, h_pre, d_pre, d_post, d_res
+        )
+        d_x = d_phi = None
+        if ctx.needs_input_grad[0]:
+            v = at_least_fp32(x3.reshape(tokens, n * c))
+            d_x = torch.mm(d_proj.t(), phi.to(dt).t())
+            d_x.addcmul_((d_rms / (rms * (n * c))).unsqueeze(-1), v)
+            if g_mixed is not None:
+                d_x.view(tokens, n, c).addcmul_(h_pre.t().unsqueeze(-1), g_mixed.to(dt))
+            d_x = d_x.to(x.dtype).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            v = at_least_fp32(x3.reshape(tokens, n * c))
+            d_phi = torch.mm(v.t(), d_proj.t()).to(phi.dtype)
+        return d_x, d_phi, d_alpha.to(alpha.dtype), d_bias.to(bias.dtype), None
+
+
+def _activate_logits(proj: Tensor, rms: Tensor, alpha: Tensor, bias: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``H_pre = sigmoid``, ``H_post = 2 sigmoid`` (``(n, tokens)``) and the ``(n, n, tokens)`` res logits of
+    ``proj / rms * alpha + b``."""
+    dt = proj.dtype
+    logits = torch.addcmul(bias.to(dt).unsqueeze(-1), proj / rms, _gains(alpha.to(dt), n).unsqueeze(-1))
+    pre, post, res = logits.split([n, n, n * n])
+    return torch.sigmoid(pre), torch.sigmoid(post).mul_(2), res.reshape(n, n, -1)
+
+
+def _activate_backward(
+    proj: Tensor,
+    rms: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    n: int,
+    iters: int,
+    h_pre: Tensor,
+    d_pre: Tensor,
+    d_post: Tensor | None,
+    d_res: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients wrt the projection ``(n*n + 2n, tokens)``, the RMS ``(tokens,)``, ``alpha`` and ``b`` given those
+    wrt ``H_pre``, ``H_post`` and ``H_res`` (tokens last)."""
+    _, h_post, res_logits = _activate_logits(proj, rms, alpha, bias, n)
+    tokens = proj.shape[1]
+    d_logits = torch.empty_like(proj)
+    torch.mul(d_pre, h_pre * (1 - h_pre), out=d_logits[:n])
+    if d_post is None:
+        d_logits[n : 2 * n].zero_()
+    else:
+        torch.mul(d_post, h_post * (1 - h_post / 2), out=d_logits[n : 2 * n])
+    if d_res is None:
+        d_logits[2 * n :].zero_()
+    else:
+        d_logits[2 * n :] = _sinkhorn_backward(res_logits, d_res, iters).view(n * n, tokens)
+    scaled = proj / rms
+    d_gains = (d_logits * scaled).sum(1)
+    d_alpha = torch.stack([d_gains[:n].sum(), d_gains[n : 2 * n].sum(), d_gains[2 * n :].sum()])
+    d_scaled = d_logits * _gains(alpha.to(proj.dtype), n).unsqueeze(-1)
+    d_rms = -(d_scaled * scaled).sum(0) / rms
+    return d_scaled / rms, d_rms, d_alpha, d_logits.sum(1)
+
+
+def read(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> tuple[Tensor, Coefficients]:
+    """Branch input ``H_pre · x`` (dtype of ``x``) and the fp32 coefficients of mHC, in one pass over the stream.
+
+    Equals ``reference.pre_mix(x, c.h_pre)`` with ``c = reference.coefficients_from_logits(reference.mhc_logits(x,
+    phi, alpha, bias), n, "mhc", iters)``, forward and backward.
+    """
+    mixed, h_pre, h_post, h_res = _Read.apply(x, phi, alpha, bias, iters)
+    return mixed, Coefficients(h_pre, h_post, h_res)
+
+
+def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
+    """Reduce a broadcast gradient to the shape and dtype of the input it belongs to."""
+    return grad.sum_to_size(like.shape).to(like.dtype)
+
+
+class _Merge(torch.autograd.Function):
+    """``H_res · x + H_post^T · F`` as one batched matmul and an in-place ``addcmul``, with the matmul backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:  # type: ignore[override]
+        post, branch = h_post.to(x.dtype).unsqueeze(-1), f.to(x.dtype).unsqueeze(-2)
+        out = torch.matmul(h_res.to(x.dtype), x)
+        if out.shape == torch.broadcast_shapes(out.shape, post.shape, branch.shape):
+            out.addcmul_(post, branch)
+        else:
+            out = torch.addcmul(out, post, branch)
+        ctx.save_for_backward(x, f, h_res, h_post)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, f, h_res, h_post = ctx.saved_tensors
+        need_x, need_f, need_res, need_post = ctx.needs_input_grad
+        grad = grad.to(x.dtype)
+        d_x = _sum_to(torch.matmul(h_res.to(x.dtype).transpose(-1, -2), grad), x) if need_x else None
+        d_f = _sum_to(torch.matmul(h_post.to(x.dtype).unsqueeze(-2), grad).squeeze(-2), f) if need_f else None
+        d_res = _sum_to(torch.matmul(grad, x.transpose(-1, -2)), h_res) if need_res else None
+        d_post = _sum_to(torch.matmul(grad, f.to(x.dtype).unsqueeze(-1)).squeeze(-1), h_post) if need_post else None
+        return d_x, d_f, d_res, d_post
+
+
+def merge(x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
+    """``reference.merge``: new stream state ``H_res · x + H_post^T · F`` in the dtype of ``x``."""
+    return _Merge.apply(x, f, h_res, h_post)
