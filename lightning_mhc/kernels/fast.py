@@ -116,13 +116,13 @@ class _Read(torch.autograd.Function):
     def backward(ctx, g_mixed: Tensor | None, g_pre: Tensor | None, g_post: Tensor | None, g_res: Tensor | None):  # type: ignore[override]
         x, phi, alpha, bias, proj, rms, h_pre = ctx.saved_tensors
         n, c = x.shape[-2:]
-        x3 = x.reshape(-1, n, c)
-        tokens = x3.shape[0]
         dt = proj.dtype
+        v = at_least_fp32(x.reshape(-1, n * c))  # coefficient gradients reduce over C in fp32: no fp16 overflow
+        tokens = v.shape[0]
         d_pre = torch.zeros_like(h_pre) if g_pre is None else _tokens_last(g_pre, 1)
         if g_mixed is not None:
-            g_mixed = g_mixed.reshape(tokens, 1, c)
-            d_pre = d_pre + torch.matmul(g_mixed.to(x.dtype), x3.transpose(-1, -2)).view(tokens, n).t().to(dt)
+            g_mixed = g_mixed.reshape(tokens, 1, c).to(dt)
+            d_pre = d_pre + torch.matmul(g_mixed, v.view(tokens, n, c).transpose(-1, -2)).view(tokens, n).t()
         d_post = None if g_post is None else _tokens_last(g_post, 1)
         d_res = None if g_res is None else _tokens_last(g_res, 2)
         d_proj, d_rms, d_alpha, d_bias = _activate_backward(
@@ -130,14 +130,12 @@ class _Read(torch.autograd.Function):
         )
         d_x = d_phi = None
         if ctx.needs_input_grad[0]:
-            v = at_least_fp32(x3.reshape(tokens, n * c))
             d_x = torch.mm(d_proj.t(), phi.to(dt).t())
             d_x.addcmul_((d_rms / (rms * (n * c))).unsqueeze(-1), v)
             if g_mixed is not None:
-                d_x.view(tokens, n, c).addcmul_(h_pre.t().unsqueeze(-1), g_mixed.to(dt))
+                d_x.view(tokens, n, c).addcmul_(h_pre.t().unsqueeze(-1), g_mixed)
             d_x = d_x.to(x.dtype).view(x.shape)
         if ctx.needs_input_grad[1]:
-            v = at_least_fp32(x3.reshape(tokens, n * c))
             d_phi = torch.mm(v.t(), d_proj.t()).to(phi.dtype)
         return d_x, d_phi, d_alpha.to(alpha.dtype), d_bias.to(bias.dtype), None
 
@@ -221,8 +219,10 @@ class _Merge(torch.autograd.Function):
         grad = grad.to(x.dtype)
         d_x = _sum_to(torch.matmul(h_res.to(x.dtype).transpose(-1, -2), grad), x) if need_x else None
         d_f = _sum_to(torch.matmul(h_post.to(x.dtype).unsqueeze(-2), grad).squeeze(-2), f) if need_f else None
-        d_res = _sum_to(torch.matmul(grad, x.transpose(-1, -2)), h_res) if need_res else None
-        d_post = _sum_to(torch.matmul(grad, f.to(x.dtype).unsqueeze(-1)).squeeze(-1), h_post) if need_post else None
+        # The coefficient gradients reduce over C: in at least fp32, where half precision would overflow.
+        g32 = at_least_fp32(grad)
+        d_res = _sum_to(torch.matmul(g32, at_least_fp32(x).transpose(-1, -2)), h_res) if need_res else None
+        d_post = _sum_to(torch.matmul(g32, at_least_fp32(f).unsqueeze(-1)).squeeze(-1), h_post) if need_post else None
         return d_x, d_f, d_res, d_post
 
 
