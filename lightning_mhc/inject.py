@@ -366,6 +366,11 @@ def _stack_problem(stack: nn.Module, probes: dict[int, _Probe]) -> str | None:
         probe = probes.get(id(block))
         if probe is None or probe.out_hidden is None:
             return f"block {i} ({type(block).__name__}) did not run or returned no hidden state"
+        if not probe.hidden.is_floating_point():
+            return (
+                f"block {i} ({type(block).__name__}) is called on a {probe.hidden.dtype} tensor; mHC mixes the "
+                "streams of a floating-point hidden state"
+            )
         if probe.out_hidden.shape != probe.hidden.shape:
             return (
                 f"block {i} ({type(block).__name__}) changes the hidden shape from {tuple(probe.hidden.shape)} to "
