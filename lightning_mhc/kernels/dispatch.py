@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import Tensor
@@ -34,13 +33,20 @@ class KernelOps:
     mhc_read: Callable[[Tensor, Tensor, Tensor, Tensor, int], tuple[Tensor, Coefficients]]
 
 
-@cache
+# Memos in plain dicts rather than functools.cache, which torch.compile warns about and traces through.
+_TRITON_INSTALLED: dict[str, bool] = {}
+_OPS: dict[str, KernelOps] = {}
+
+
 def _triton_installed() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if "triton" not in _TRITON_INSTALLED:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON_INSTALLED["triton"] = False
+        else:
+            _TRITON_INSTALLED["triton"] = True
+    return _TRITON_INSTALLED["triton"]
 
 
 def _interpreting() -> bool:
@@ -84,10 +90,15 @@ def _triton_read(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int
     return ops.pre_mix(x, coeffs.h_pre), coeffs
 
 
-@cache
 def get_ops(backend: str) -> KernelOps:
     """The functions of a resolved backend (``"torch"``: the fast torch path of ``fast.py``, checked against
     ``reference``; ``"triton"``); imports Triton for the latter."""
+    if backend not in _OPS:
+        _OPS[backend] = _load_ops(backend)
+    return _OPS[backend]
+
+
+def _load_ops(backend: str) -> KernelOps:
     if backend == "torch":
         return KernelOps(
             reference.mhc_logits, fast.sinkhorn, reference.pre_mix, fast.merge, _torch_coefficients, fast.read
