@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -99,6 +100,8 @@ def fit(
     resume: str | None = None,
     tag: str = "",
     clip: float | None = None,
+    batch_size: int = 4,
+    distributed_sampler: bool = False,
 ) -> L.LightningModule:
     torch.manual_seed(0)
     model = PipeLitLM(depth=depth)
@@ -108,10 +111,14 @@ def fit(
         devices=devices,
         strategy=strategy,
         callbacks=callbacks,
-        use_distributed_sampler=False,
+        use_distributed_sampler=distributed_sampler,
         gradient_clip_val=clip,
     )
-    run.fit(model, token_loader(samples=samples, batch_size=4), ckpt_path=resume)
+    loader = token_loader(samples=samples, batch_size=batch_size)
+    if distributed_sampler and devices == 1:  # the order Lightning's distributed sampler gives a pipeline (epoch 0)
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(0)).tolist()
+        loader = DataLoader(Subset(loader.dataset, order), batch_size=batch_size)
+    run.fit(model, loader, ckpt_path=resume)
     if save is not None:
         run.save_checkpoint(out / save)
     if run.global_rank == 0:
@@ -156,22 +163,29 @@ def reference(tmp_path: Path, **kwargs) -> tuple[dict, dict]:
     return torch.load(ref / "record0.pt"), model.state_dict()
 
 
-def _assert_equal_training(tmp_path: Path, devices: int = 2, **kwargs) -> None:
-    records = [torch.load(tmp_path / f"record{r}.pt") for r in range(devices)]
-    expected, final = reference(tmp_path, **kwargs)
+def _assert_equal_training(
+    tmp_path: Path, devices: int = 2, tag: str = "", pp: int | None = None, expected=None, **kwargs
+) -> None:
+    """The run ``tag`` on ``devices`` processes (replicas of ``pp``-rank pipelines) trained as one process did."""
+    expected, final = expected or reference(tmp_path, **kwargs)
     assert len(expected["losses"]) == STEPS
-    for record in records:  # the loss of the last stage is logged on every rank
+    pp = pp or devices
+    records = [torch.load(tmp_path / f"record{tag}{r}.pt") for r in range(devices)]
+    for record in records:  # the loss of the last stage (averaged over the replicas) is logged on every rank
         torch.testing.assert_close(record["losses"], expected["losses"], rtol=0, atol=1e-5)
     grads = {}
-    for record in records:
-        assert not grads.keys() & record["grads"].keys()  # every parameter trained by one rank
+    for record in records[:pp]:
+        assert not grads.keys() & record["grads"].keys()  # every parameter trained by one rank of a pipeline
         grads.update(record["grads"])
+    for rank, record in enumerate(records[pp:], pp):  # the other replicas hold the same averaged gradients
+        for name, grad in record["grads"].items():
+            torch.testing.assert_close(grad, grads[name], rtol=0, atol=1e-6, msg=f"rank {rank}: {name}")
     assert grads.keys() == expected["grads"].keys()
     for name, grad in expected["grads"].items():
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-5, msg=name)
-    pipelined = torch.load(tmp_path / "final.pt")
+    pipelined = torch.load(tmp_path / f"final{tag}.pt")
     for name, value in final.items():
-        torch.testing.assert_close(pipelined[name], value, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(pipelined[name], value, rtol=0, atol=1e-5, msg=f"{tag}: {name}")
 
 
 @pytest.mark.slow
@@ -183,6 +197,39 @@ def _assert_equal_training(tmp_path: Path, devices: int = 2, **kwargs) -> None:
 def test_pipeline_trains_like_one_process(tmp_path, schedule, microbatches):
     run_pipeline(tmp_path, schedule, microbatches)
     _assert_equal_training(tmp_path)
+
+
+# Four processes under torchrun, one process group for all runs (the test model with 8 blocks, batches of 8): every
+# schedule as a 4-rank pipeline, and two data-parallel replicas of a 2-rank pipeline (batches of 4 per replica).
+FOUR_PROCESS_RUNS = {
+    "1F1B": ({"schedule": "1F1B", "microbatches": 4}, {}),
+    "GPipe": ({"schedule": "GPipe", "microbatches": 4}, {}),
+    "Interleaved1F1B": ({"schedule": "Interleaved1F1B", "microbatches": 8}, {}),
+    "ZBVZeroBubble": ({"schedule": "ZBVZeroBubble", "microbatches": 8}, {}),
+    "DualPipeV": ({"schedule": "DualPipeV", "microbatches": 8}, {}),
+    "dp2-1F1B": ({"schedule": "1F1B", "microbatches": 2, "pipeline_parallel_size": 2}, {"batch_size": 4}),
+    "dp2-DualPipeV": ({"schedule": "DualPipeV", "microbatches": 4, "pipeline_parallel_size": 2}, {"batch_size": 4}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_four_processes_under_torchrun_train_like_one_process(tmp_path):
+    """``torchrun --nproc_per_node 4``: each schedule over 4 pipeline ranks, and data parallel x pipeline (2 x 2,
+    gradients averaged over the replicas, a distributed sampler over the replicas only): losses, first-step
+    gradients and final weights equal one process training on the full batches."""
+    runs = {
+        tag: {"strategy": options, "fit": {"depth": 8, "samples": 24, "batch_size": 8, **fit}}
+        for tag, (options, fit) in FOUR_PROCESS_RUNS.items()
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    command += [str(Path(__file__).parent / "pipeline_torchrun.py"), str(tmp_path), json.dumps(runs)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    expected = reference(tmp_path, depth=8, samples=24, batch_size=8, distributed_sampler=True)
+    for tag, (options, _) in FOUR_PROCESS_RUNS.items():
+        _assert_equal_training(tmp_path, 4, tag, pp=options.get("pipeline_parallel_size"), expected=expected)
 
 
 @pytest.mark.slow

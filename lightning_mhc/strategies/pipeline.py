@@ -3,7 +3,9 @@
 Every process builds the whole LightningModule (and :class:`~lightning_mhc.MHCCallback` injects mHC into it), then
 the strategy cuts it into stages (``stages.py``), keeps only its own stages' parameters in the optimizers and runs
 the chosen ``torch.distributed.pipelining`` schedule (forward and backward over the microbatches) as Lightning's
-training step. The ``(..., n, C)`` stream state is what crosses the stage boundaries.
+training step. The ``(..., n, C)`` stream state is what crosses the stage boundaries. With more processes than
+pipeline ranks, a 2-D device mesh ``(dp, pp)`` holds data-parallel replicas of the pipeline: global rank
+``dp_rank * pipeline_parallel_size + pp_rank``; gradients are averaged over the ``dp`` dimension after each step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as _schedules
 
@@ -46,6 +49,12 @@ _SCHEDULE_CLASSES = {
 # Schedules whose ranks hold two stages placed in a V (rank r: stages r and 2P-1-r); the other multi-stage ones loop.
 _V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
 _COMM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_FSDP2_REFUSAL = (
+    "data_parallel='fsdp2' is not supported by MHCPipelineStrategy: every process keeps a full copy of the model "
+    "(refreshed from the stages for validation, checkpoints and the single-process checkpoint format), so sharding "
+    "a stage's parameters over the data-parallel replicas would save no memory while adding an all-gather before and "
+    "a reduce-scatter after every microbatch. Use data_parallel='ddp' (gradients all-reduced over the replicas)."
+)
 
 
 def available_schedules() -> list[str]:
@@ -93,7 +102,11 @@ class MHCPipelineStrategy(DDPStrategy):
         schedule: ``"GPipe"``, ``"1F1B"``, ``"Interleaved1F1B"``, ``"LoopedBFS"``, ``"InterleavedZeroBubble"``,
             ``"ZBVZeroBubble"`` or ``"DualPipeV"`` (those the installed torch has; case-insensitive).
         microbatches: microbatches per batch (must divide the batch size); default: the number of stages.
-        pipeline_parallel_size: processes in the pipeline; default (and, for now, the only value allowed) all.
+        pipeline_parallel_size: processes in one pipeline (must divide the number of processes); default: all. With
+            fewer, ``world_size / pipeline_parallel_size`` data-parallel replicas of the pipeline each take their share
+            of the batches (a distributed sampler over the replicas) and average their gradients after each step.
+        data_parallel: how the replicas are kept in step: ``"ddp"`` (gradients all-reduced). ``"fsdp2"`` is refused
+            with the reason.
         stage_split: blocks per stage, e.g. ``[3, 5]``; default: balanced by the blocks' parameter counts.
         comm_dtype: dtype of the stream state between stages (``"bf16"``, ``"fp16"``, ``"fp32"`` or a
             ``torch.dtype``); default: the compute dtype.
@@ -110,6 +123,7 @@ class MHCPipelineStrategy(DDPStrategy):
         schedule: str = "1F1B",
         microbatches: Optional[int] = None,
         pipeline_parallel_size: Optional[int] = None,
+        data_parallel: str = "ddp",
         stage_split: Optional[list[int]] = None,
         comm_dtype: Optional[Union[str, torch.dtype]] = None,
         loss_name: str = "train_loss",
@@ -119,6 +133,10 @@ class MHCPipelineStrategy(DDPStrategy):
         self.schedule_name = _resolve_schedule(schedule)
         _positive_int("microbatches", microbatches)
         _positive_int("pipeline_parallel_size", pipeline_parallel_size)
+        if data_parallel == "fsdp2":
+            raise ValueError(_FSDP2_REFUSAL)
+        if data_parallel != "ddp":
+            raise ValueError(f"data_parallel={data_parallel!r} is not allowed; pass 'ddp'.")
         if stage_split is not None:
             stage_split = list(stage_split)
             if not stage_split or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in stage_split):
@@ -134,6 +152,7 @@ class MHCPipelineStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.microbatches = microbatches
         self.pipeline_parallel_size = pipeline_parallel_size
+        self.data_parallel = data_parallel
         self.stage_split = stage_split
         self.comm_dtype = comm_dtype
         self.loss_name = loss_name
@@ -145,6 +164,8 @@ class MHCPipelineStrategy(DDPStrategy):
         self._batch_shape: Optional[tuple] = None
         self._loss_fn_scale = 1.0
         self._pending_grads: list[tuple[nn.Parameter, Optional[Tensor]]] = []
+        self._pp_group: Any = None
+        self._dp_group: Any = None
 
     # ----------------------------------------------------------------------------------------------------- layout
     @property
@@ -153,9 +174,26 @@ class MHCPipelineStrategy(DDPStrategy):
 
     @property
     def pp_size(self) -> int:
-        return self.world_size
+        """Processes in one pipeline."""
+        return self.pipeline_parallel_size or self.world_size
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas of the pipeline."""
+        return self.world_size // self.pp_size
+
+    @property
+    def pp_rank(self) -> int:
+        """This process's rank inside its pipeline."""
+        return self.global_rank % self.pp_size
+
+    @property
+    def dp_rank(self) -> int:
+        """The index of this process's pipeline replica."""
+        return self.global_rank // self.pp_size
 
     def stage_to_rank(self, stage: int) -> int:
+        """The pipeline rank (inside a replica) that runs ``stage``."""
         p = self.pp_size
         if self.stages_per_rank == 1:
             return stage
@@ -165,17 +203,18 @@ class MHCPipelineStrategy(DDPStrategy):
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # every stage of the (single) pipeline sees the same batches
-        return {"num_replicas": 1, "rank": 0}
+        # every stage of a pipeline sees the same batches; the replicas split them
+        return {"num_replicas": self.dp_size, "rank": self.dp_rank}
 
     # ------------------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer) -> None:
         module = self.lightning_module
         check_protocol(module)
-        if self.pipeline_parallel_size is not None and self.pipeline_parallel_size != self.world_size:
+        if self.world_size % self.pp_size:
             raise ValueError(
-                f"pipeline_parallel_size={self.pipeline_parallel_size} with {self.world_size} processes: data "
-                "parallel x pipeline is not supported yet; pass pipeline_parallel_size=None (all processes)."
+                f"pipeline_parallel_size={self.pipeline_parallel_size} does not divide the {self.world_size} "
+                "processes; pass a divisor (the processes form world_size / pipeline_parallel_size data-parallel "
+                "replicas)."
             )
         if not module.automatic_optimization:
             raise ValueError("MHCPipelineStrategy runs the backward pass itself: use automatic optimization.")
@@ -183,9 +222,11 @@ class MHCPipelineStrategy(DDPStrategy):
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         _sync_module_states(self.model)  # every rank built (and injected) its own copy: start from rank 0's
-        # MoE layers would sum their expert loads over all processes, which run different stages: each stage sees
-        # the whole batch, so its own counts are the load (a data-parallel group would go here)
-        set_balance_group(module, None)
+        mesh = init_device_mesh(self.root_device.type, (self.dp_size, self.pp_size), mesh_dim_names=("dp", "pp"))
+        self._pp_group, self._dp_group = mesh.get_group("pp"), mesh.get_group("dp")
+        # MoE layers would sum their expert loads over all processes, which run different stages: a stage sees its
+        # replica's whole batch, so the load is its own counts summed over the replicas
+        set_balance_group(module, self._dp_group if self.dp_size > 1 else None)
         self._build_stages(module)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -226,7 +267,7 @@ class MHCPipelineStrategy(DDPStrategy):
                 )
             )
             start += count
-        self.local_stages = [s for s in range(self.num_stages) if self.stage_to_rank(s) == self.global_rank]
+        self.local_stages = [s for s in range(self.num_stages) if self.stage_to_rank(s) == self.pp_rank]
 
     def _keep_local_parameters(self) -> None:
         """Optimizers step only this rank's stages' parameters (their state is per stage)."""
@@ -239,7 +280,10 @@ class MHCPipelineStrategy(DDPStrategy):
         microbatches = self.microbatches or self.num_stages
         self._microbatches = microbatches
         self._loss_fn_scale = 1.0 / (microbatches * trainer.accumulate_grad_batches)
-        stages = [PipelineStage(self.stage_modules[s], s, self.num_stages, self.root_device) for s in self.local_stages]
+        stages = [
+            PipelineStage(self.stage_modules[s], s, self.num_stages, self.root_device, group=self._pp_group)
+            for s in self.local_stages
+        ]
         for s in self.local_stages:
             self.stage_modules[s].aux_scale = self._loss_fn_scale
         module = self.lightning_module
@@ -285,11 +329,31 @@ class MHCPipelineStrategy(DDPStrategy):
         loss = torch.zeros((), device=self.root_device, dtype=torch.float32)
         if has_last:
             loss = (torch.stack([x.detach().float() for x in losses]).sum() / self._loss_fn_scale) / self._microbatches
-        dist.broadcast(loss, src=self.stage_to_rank(self.num_stages - 1))
+        dist.broadcast(loss, group=self._pp_group, group_src=self.stage_to_rank(self.num_stages - 1))
+        if self.dp_size > 1:
+            self._average_over_replicas(loss)
         if capture is not None:
             self._compose_capture(capture)
         module.log(self.loss_name, loss, prog_bar=True)
         return loss
+
+    def _average_over_replicas(self, loss: Tensor) -> None:
+        """Average the step's gradients (and ``loss``) over the data-parallel replicas, in one all-reduce. A gradient
+        that no replica produced stays ``None`` (as in one process, where the optimizer then skips the parameter)."""
+        grads = [g if g is not None else torch.zeros_like(p) for p, g in self._pending_grads]
+        present = [float(g is not None) for _, g in self._pending_grads]
+        flat = torch.cat([g.detach().reshape(-1).float() for g in grads] + [loss.reshape(1), loss.new_tensor(present)])
+        dist.all_reduce(flat, group=self._dp_group)
+        values, flags = flat[: -len(present)], flat[-len(present) :]
+        offset, averaged = 0, []
+        for (p, _), grad, flag in zip(self._pending_grads, grads, flags.tolist()):
+            n = grad.numel()
+            averaged.append(
+                (p, (values[offset : offset + n] / self.dp_size).view_as(grad).to(grad.dtype) if flag else None)
+            )
+            offset += n
+        loss.copy_(values[offset] / self.dp_size)
+        self._pending_grads = averaged
 
     def _check_batch(self, inputs: Any, targets: Any) -> None:
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
@@ -337,7 +401,7 @@ class MHCPipelineStrategy(DDPStrategy):
         local = torch.zeros((), dtype=torch.float64, device=self.root_device)
         for p in params:
             local += p.grad.detach().double().pow(2).sum()
-        dist.all_reduce(local)
+        dist.all_reduce(local, group=self._pp_group)  # the replicas hold equal (averaged) gradients
         return float(local.sqrt())
 
     def _compose_capture(self, capture: StreamCapture) -> None:
@@ -346,8 +410,8 @@ class MHCPipelineStrategy(DDPStrategy):
         mine = {
             s: [([h.cpu() for h in hs], _cpu_state(diversity)) for hs, diversity in parts] for s, parts in mine.items()
         }
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, mine)
+        gathered: list[Any] = [None] * self.pp_size
+        dist.all_gather_object(gathered, mine, group=self._pp_group)
         by_stage: dict[int, Any] = {s: parts for rank_parts in gathered for s, parts in rank_parts.items()}
         device = self.root_device
         for m in range(self._microbatches):
@@ -360,13 +424,13 @@ class MHCPipelineStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------------------------------ weights and state
     def sync_full_model(self) -> None:
-        """Every rank receives every stage's current weights from the rank that trains them."""
+        """Every rank receives every stage's current weights from the rank of its pipeline that trains them."""
         if not self.stage_modules or not dist.is_initialized():
             return
         for s, stage in enumerate(self.stage_modules):
             src = self.stage_to_rank(s)
             for tensor in [*stage.parameters(), *stage.buffers()]:
-                dist.broadcast(tensor.data, src=src)
+                dist.broadcast(tensor.data, group=self._pp_group, group_src=src)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self.sync_full_model()
@@ -377,7 +441,8 @@ class MHCPipelineStrategy(DDPStrategy):
         local = super().optimizer_state(optimizer)
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, local)
-        return {"mhc_pipeline": {"schedule": self.schedule_name, "world_size": self.world_size, "ranks": gathered}}
+        layout = {"schedule": self.schedule_name, "world_size": self.world_size, "pp_size": self.pp_size}
+        return {"mhc_pipeline": {**layout, "ranks": gathered}}
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         states = checkpoint["optimizer_states"]
@@ -389,11 +454,12 @@ class MHCPipelineStrategy(DDPStrategy):
                     "without ckpt_path)."
                 )
             saved = state["mhc_pipeline"]
-            if saved["world_size"] != self.world_size or saved["schedule"] != self.schedule_name:
+            layout = (saved["world_size"], saved.get("pp_size", saved["world_size"]), saved["schedule"])
+            if layout != (self.world_size, self.pp_size, self.schedule_name):
                 raise RuntimeError(
-                    f"The checkpoint's optimizer state was written by a pipeline of {saved['world_size']} processes "
-                    f"with schedule {saved['schedule']!r}; resume with the same layout (now {self.world_size}, "
-                    f"{self.schedule_name!r}) or load the weights only."
+                    f"The checkpoint's optimizer state was written by {layout[0]} processes in pipelines of "
+                    f"{layout[1]} with schedule {layout[2]!r}; resume with the same layout (now {self.world_size}, "
+                    f"{self.pp_size}, {self.schedule_name!r}) or load the weights only."
                 )
             optimizer.load_state_dict(saved["ranks"][self.global_rank])
 
