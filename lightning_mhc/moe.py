@@ -52,10 +52,10 @@ ACTIVATIONS = ("auto", "gelu", "silu")
 BACKENDS = ("auto", "megablocks", "torch")
 
 MEGABLOCKS_INSTALL_HINT = (
-    "Install the optional extra with `pip install 'lightning-mhc[megablocks]'`. MegaBlocks 0.10 pins torch 2.7.0, so "
-    "to keep your torch build it and its grouped GEMM from source against the installed torch (needs the CUDA "
-    "toolkit): `pip install --no-deps stanford-stk==0.7.1` then `pip install --no-deps --no-build-isolation "
-    "megablocks==0.10.0 grouped_gemm==0.3.0`. Or pass backend='torch'."
+    "Do not `pip install megablocks`: its releases pin torch 2.7.0 and would replace your torch. Build it against the "
+    "installed torch with `bash scripts/install_megablocks.sh` from the lightning_mhc repository (needs nvcc; it "
+    "installs stanford-stk 0.7.1, grouped_gemm 0.3.0 and megablocks 0.10.0 with --no-deps --no-build-isolation and "
+    "patches megablocks for CUDA 13), or pass backend='torch'."
 )
 
 _ELEMENTWISE_TINY = 1e-20
