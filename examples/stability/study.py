@@ -9,6 +9,7 @@ stopped and resumed.
 
     python examples/stability/study.py                      # the full grid: about an hour on 2 idle CPU cores
     python examples/stability/study.py --steps 60 --seeds 0 --lrs 3e-3   # a quick look
+    python examples/stability/study.py --model moe --out runs/study_moe --plot docs/study_moe.png  # table + plot
 """
 
 from __future__ import annotations
@@ -51,13 +52,29 @@ class StepTimer(L.Callback):
 def build_model(args: argparse.Namespace, lr: float) -> L.LightningModule:
     if args.model == "moe":
         return MoETransformerLM(
-            d_model=64, n_layers=4, n_heads=4, seq_len=args.seq_len, dense_layers=1, dense_ffn_size=256,
-            num_experts=8, top_k=2, expert_ffn_size=64, shared_expert_size=64, bias_update_rate=0.01, lr=lr,
+            d_model=64,
+            n_layers=4,
+            n_heads=4,
+            seq_len=args.seq_len,
+            dense_layers=1,
+            dense_ffn_size=256,
+            num_experts=8,
+            top_k=2,
+            expert_ffn_size=64,
+            shared_expert_size=64,
+            bias_update_rate=0.01,
+            lr=lr,
             warmup_steps=30,
         )
     return DenseTransformerLM(
-        d_model=args.width, n_layers=args.blocks, n_heads=4, seq_len=args.seq_len, ffn_size=4 * args.width, lr=lr,
-        warmup_steps=10, weight_decay=0.0,
+        d_model=args.width,
+        n_layers=args.blocks,
+        n_heads=4,
+        seq_len=args.seq_len,
+        ffn_size=4 * args.width,
+        lr=lr,
+        warmup_steps=10,
+        weight_decay=0.0,
     )
 
 
@@ -70,15 +87,25 @@ def run(variant: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
     mhc = MHCCallback(streams=args.streams, log_every_n_steps=args.log_every, **VARIANTS[variant])
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=args.steps, logger=False, callbacks=[mhc, timer], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, val_check_interval=args.steps, num_sanity_val_steps=0,
+        accelerator="cpu",
+        max_steps=args.steps,
+        logger=False,
+        callbacks=[mhc, timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=args.steps,
+        num_sanity_val_steps=0,
         gradient_clip_val=1.0,
     )
     trainer.fit(model, data)
     history = mhc.history
     gains = [h[k] for h in history for k in ("mhc/gain_fwd_composite", "mhc/gain_bwd_composite") if k in h]
     return {
-        "variant": variant, "lr": lr, "seed": seed, "val_loss": float(trainer.callback_metrics["val_loss"]),
+        "variant": variant,
+        "lr": lr,
+        "seed": seed,
+        "val_loss": float(trainer.callback_metrics["val_loss"]),
         "stream_diversity": history[-1]["mhc/stream_diversity"] if history else 0.0,
         "max_composite_gain": max(gains) if gains else 1.0,
         "step_ms": 1000 * statistics.median(timer.times[5:] or timer.times),
@@ -108,6 +135,37 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """Validation loss (mean, min..max over seeds) and largest composite gain against the learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, gain_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in VARIANTS:
+        runs = [r for r in results if r["variant"] == variant]
+        lrs = sorted({r["lr"] for r in runs})
+        if not lrs:
+            continue
+        losses = [[r["val_loss"] for r in runs if r["lr"] == lr] for lr in lrs]
+        means = [statistics.mean(v) for v in losses]
+        (line,) = loss_ax.plot(lrs, means, marker="o", label=variant)
+        loss_ax.fill_between(
+            lrs, [min(v) for v in losses], [max(v) for v in losses], alpha=0.15, color=line.get_color()
+        )
+        gains = [max(r["max_composite_gain"] for r in runs if r["lr"] == lr) for lr in lrs]
+        gain_ax.plot(lrs, gains, marker="o", color=line.get_color(), label=variant)
+    loss_ax.set(xscale="log", xlabel="learning rate", ylabel="validation loss (nats), mean and min..max over seeds")
+    gain_ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="largest composite gain (fwd or bwd)")
+    loss_ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["stability", "moe"], default="stability")
@@ -122,6 +180,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
+    parser.add_argument("--plot", type=Path, help="also write a plot of every result in --out to this PNG file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,8 +197,11 @@ def main() -> None:
                 with path.open("a") as f:
                     f.write(json.dumps(result) + "\n")
                 print(json.dumps(result), flush=True)
-    print(f"\n{args.model} model, {args.steps} steps, n={args.streams}, seeds {args.seeds}, lrs {args.lrs}")
+    heading = f"{args.model} model, {args.steps} steps, n={args.streams}, seeds {args.seeds}, lrs {args.lrs}"
+    print(f"\n{heading}")
     print(summarize(results))
+    if args.plot:
+        plot(results, args.plot, heading)
 
 
 if __name__ == "__main__":
