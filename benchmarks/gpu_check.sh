@@ -53,7 +53,7 @@ if compgen -G ".src/megablocks-*.tar.gz" >/dev/null; then
     BUILD_PID=$!
 fi
 
-echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" >"$RESULTS"
+echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}" >"$RESULTS"
 section "Machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$RESULTS"
 $PY -c "import torch, triton, lightning; print('torch', torch.__version__, '| triton', triton.__version__, \
