@@ -60,7 +60,7 @@ from lightning_mhc.data import ByteLMDataModule
 from lightning_mhc.models import DenseTransformerLM
 
 CONFIGS = ["GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV", "DualPipeV+overlap"]
-WARMUP, CALIBRATION = 2, 3
+WARMUP, CALIBRATION = 2, 5
 
 
 class _DelayedSend:

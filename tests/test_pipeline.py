@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,29 @@ class Record(L.Callback):
         torch.save(record, self.out / f"record{self.tag}{trainer.global_rank}.pt")
 
 
+class PlantedFailure(L.Callback):
+    """From the second step on, this rank's stages raise in their forward (with ``overlapped``: only while an
+    overlapped backward runs in the second thread)."""
+
+    def __init__(self, rank: int, overlapped: bool) -> None:
+        self.rank, self.overlapped = rank, overlapped
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != 1 or trainer.global_rank != self.rank:
+            return
+        for s in trainer.strategy.local_stages:
+            stage = trainer.strategy.stage_modules[s]
+            stage.forward = self._failing(stage.forward)
+
+    def _failing(self, forward):
+        def failing(*args):
+            if not self.overlapped or any(t.name == "mhc-pipeline-backward" for t in threading.enumerate()):
+                raise RuntimeError("planted failure")
+            return forward(*args)
+
+        return failing
+
+
 def fit(
     out: Path,
     strategy,
@@ -102,10 +127,12 @@ def fit(
     clip: float | None = None,
     batch_size: int = 4,
     distributed_sampler: bool = False,
+    fail: tuple[int, bool] | None = None,
 ) -> L.LightningModule:
     torch.manual_seed(0)
     model = PipeLitLM(depth=depth)
     callbacks = [MHCCallback(streams=4, mode=mode, gate_init=0.3, log_every_n_steps=1), Record(out, initial, tag)]
+    callbacks += [PlantedFailure(*fail)] if fail else []
     run = trainer(
         max_steps=max_steps,
         devices=devices,
@@ -331,6 +358,19 @@ def test_bad_layouts_fail_on_every_rank_without_hanging(tmp_path, schedule, dept
     result = run_pipeline(tmp_path, schedule, microbatches=microbatches, check=False, fit={"depth": depth})
     assert result.returncode != 0
     assert message in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("schedule", "rank", "overlapped"), [("1F1B", 0, False), ("DualPipeV", 1, True)])
+def test_a_rank_raising_inside_the_schedule_ends_every_rank(tmp_path, schedule, rank, overlapped):
+    """A stage raising in its forward (rank 0, Lightning's launching process; or rank 1 inside DualPipeV's overlapped
+    forward/backward, while the backward thread waits for its peer) ends both processes with an error, no hang."""
+    start = time.monotonic()
+    result = run_pipeline(tmp_path, schedule, 4, check=False, fit={"fail": [rank, overlapped], "max_steps": 4})
+    assert result.returncode != 0
+    assert "planted failure" in result.stderr
+    assert time.monotonic() - start < 120
 
 
 @pytest.mark.slow

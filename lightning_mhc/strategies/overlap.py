@@ -39,12 +39,11 @@ def overlap_forward_backward(action: Any, ctx: Any) -> None:
         except BaseException as error:  # re-raised in the calling thread
             errors.append(error)
 
-    worker = threading.Thread(target=run_backward, name="mhc-pipeline-backward")
+    worker = threading.Thread(target=run_backward, name="mhc-pipeline-backward", daemon=True)
     worker.start()
-    try:
-        _forward(schedule, forward, ctx)
-    finally:
-        worker.join()
+    # an error in the forward propagates at once: the backward may be waiting for a peer that now never sends
+    _forward(schedule, forward, ctx)
+    worker.join()
     if errors:
         raise errors[0]
 

@@ -472,6 +472,12 @@ class MHCPipelineStrategy(DDPStrategy):
     def on_predict_start(self) -> None:
         self.sync_full_model()
 
+    def on_exception(self, exception: BaseException) -> None:
+        """A rank that fails leaves the others inside the schedule: no collective may follow (teardown skips the
+        weight sync), so that this process exits and Lightning's launcher (or torchrun) ends the others."""
+        self._schedule = None
+        super().on_exception(exception)
+
     def teardown(self) -> None:
         if self.lightning_module is not None and dist.is_initialized() and self._schedule is not None:
             self.sync_full_model()  # after fit every rank holds the trained model
