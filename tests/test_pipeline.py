@@ -128,10 +128,12 @@ def fit(
     batch_size: int = 4,
     distributed_sampler: bool = False,
     fail: tuple[int, bool] | None = None,
+    mhc: dict | None = None,
 ) -> L.LightningModule:
     torch.manual_seed(0)
     model = PipeLitLM(depth=depth)
-    callbacks = [MHCCallback(streams=4, mode=mode, gate_init=0.3, log_every_n_steps=1), Record(out, initial, tag)]
+    hc = MHCCallback(streams=4, mode=mode, gate_init=0.3, log_every_n_steps=1, **(mhc or {}))
+    callbacks = [hc, Record(out, initial, tag)]
     callbacks += [PlantedFailure(*fail)] if fail else []
     run = trainer(
         max_steps=max_steps,
@@ -266,6 +268,17 @@ def test_dualpipev_without_the_overlap_function_trains_like_one_process(tmp_path
     default); here torch runs them one after the other. Both equal one process."""
     run_pipeline(tmp_path, "DualPipeV", 4, overlap=False)
     _assert_equal_training(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_recomputation_groups_end_at_stage_boundaries(tmp_path):
+    """``recompute=True`` with groups of 3 sublayers over 8 (4 blocks): in one process a group spans blocks 1 and 2,
+    which DualPipeV puts on stages 1 and 2 (the same rank, handed over locally) — and groups spanning ranks would
+    too. Each stage starts its own groups, and the gradients equal one process's."""
+    mhc = {"recompute": True, "recompute_layers": 3}
+    run_pipeline(tmp_path, "DualPipeV", 4, fit={"mhc": mhc})
+    _assert_equal_training(tmp_path, mhc=mhc)
 
 
 @pytest.mark.slow
