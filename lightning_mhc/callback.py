@@ -20,7 +20,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_mhc.capture import StreamCapture
-from lightning_mhc.config import STRUCTURAL_FIELDS, MHCConfig, check_choice, check_int
+from lightning_mhc.config import STRUCTURAL_FIELDS, MHCConfig, check_choice, check_int, short_repr
 from lightning_mhc.hyper_connection import HyperConnection
 from lightning_mhc.inject import MARKER_KEY, InjectionReport, apply_mhc
 from lightning_mhc.kernels.dispatch import resolve_backend
@@ -462,7 +462,10 @@ def _check_then_load(
             f"lightning_mhc.load_from_checkpoint({type(module).__name__}, path) and fit that model without ckpt_path; "
             "to resume exactly, save full checkpoints."
         )
-    differ = stored_config(stored).differences(config, STRUCTURAL_FIELDS)
+    try:
+        differ = stored_config(stored).differences(config, STRUCTURAL_FIELDS)
+    except ValueError as error:
+        raise ValueError(f"This checkpoint cannot be resumed: {error}") from error
     report = getattr(module, "mhc_report", None) if _is_injected(module) else None
     if differ or (report is not None and stored["plan"] != report.plan()):
         raise ValueError(
@@ -473,8 +476,31 @@ def _check_then_load(
     on_load_checkpoint(checkpoint)
 
 
-def stored_config(stored: dict) -> MHCConfig:
-    """The config a checkpoint stored under ``CHECKPOINT_KEY``, refusing what this version computes differently."""
+def check_stored_metadata(stored: Any) -> None:
+    """Refuse mHC metadata that is not what :class:`MHCCallback` writes: plain types of the expected shape, a format
+    this version reads."""
+    if (
+        not isinstance(stored, dict)
+        or set(stored) - {"config", "plan", "format"}
+        or not {"config", "plan"} <= set(stored)
+    ):
+        raise ValueError(
+            f"its mHC metadata ({CHECKPOINT_KEY!r}) is malformed: a dict with 'config', 'plan' and 'format' was "
+            f"expected, got {short_repr(stored, 120)}. The file was changed or written by other code; pass a "
+            "checkpoint written by MHCCallback."
+        )
+    version = stored.get("format", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= STORED_FORMAT:
+        raise ValueError(
+            f"its mHC metadata format={version!r} is not one this lightning_mhc reads (1 to {STORED_FORMAT}); a "
+            "newer format needs a newer lightning_mhc: upgrade it."
+        )
+
+
+def stored_config(stored: Any) -> MHCConfig:
+    """The config a checkpoint stored under ``CHECKPOINT_KEY``, checked, refusing what this version computes
+    differently."""
+    check_stored_metadata(stored)
     config = MHCConfig.from_dict(stored["config"])
     if stored.get("format", 1) < 2 and config.mode == "hc":
         raise ValueError(

@@ -14,7 +14,7 @@ from typing import Any, TypeVar, Union
 import lightning as L
 import torch
 
-from lightning_mhc.callback import CHECKPOINT_KEY, STORED_FORMAT, has_mhc_weights, stored_config
+from lightning_mhc.callback import CHECKPOINT_KEY, check_stored_metadata, has_mhc_weights, stored_config
 from lightning_mhc.config import MHCConfig, short_repr
 from lightning_mhc.inject import apply_mhc, check_plan
 
@@ -119,22 +119,10 @@ def _stored_injection(checkpoint: dict[str, Any], path: Union[str, Path], name: 
             f"{path} has no mHC: it was not written with MHCCallback. Load it with {name}.load_from_checkpoint(...) "
             "instead."
         )
-    if (
-        not isinstance(stored, dict)
-        or set(stored) - {"config", "plan", "format"}
-        or not {"config", "plan"} <= set(stored)
-    ):
-        raise ValueError(
-            f"{path}: its mHC metadata ({CHECKPOINT_KEY!r}) is malformed: a dict with 'config', 'plan' and 'format' "
-            f"was expected, got {short_repr(stored, 120)}. The file was changed or written by other code; pass a "
-            "checkpoint written by MHCCallback."
-        )
-    version = stored.get("format", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= STORED_FORMAT:
-        raise ValueError(
-            f"{path}: its mHC metadata format={version!r} is not one this lightning_mhc reads (1 to "
-            f"{STORED_FORMAT}); a newer format needs a newer lightning_mhc: upgrade it."
-        )
+    try:
+        check_stored_metadata(stored)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
     try:
         config = stored_config(stored)
         check_plan(stored["plan"])

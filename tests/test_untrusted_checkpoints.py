@@ -186,6 +186,14 @@ def _plain(tmp_path, good):
     return _tampered(tmp_path, good, lambda c: c.pop("mhc"))
 
 
+def _malformed(tmp_path, good):
+    return _tampered(tmp_path, good, lambda c: c.update(mhc="streams=2"))
+
+
+def _newer_format(tmp_path, good):
+    return _tampered(tmp_path, good, lambda c: c["mhc"].update(format=99))
+
+
 @pytest.mark.parametrize(
     ("make", "error", "expected"),
     [
@@ -193,6 +201,8 @@ def _plain(tmp_path, good):
         (_truncated, RuntimeError, "failed finding central directory"),
         (_bad_config, ValueError, r"MHCConfig\.sinkhorn_iters=-1 is not allowed"),
         (_plain, ValueError, "holds mHC weights but not the mHC config"),
+        (_malformed, ValueError, r"cannot be resumed: its mHC metadata \('mhc'\) is malformed"),
+        (_newer_format, ValueError, r"cannot be resumed: its mHC metadata format=99 .*upgrade"),
     ],
 )
 def test_resume_from_a_bad_file_fails_before_the_weights_change(tmp_path, good_checkpoint, make, error, expected):
