@@ -311,6 +311,8 @@ def test_unknown_schedule_is_refused_at_construction_listing_what_exists():
         ({"pipeline_parallel_size": -1}, "pipeline_parallel_size=-1"),
         ({"stage_split": [2, 0]}, "stage_split"),
         ({"comm_dtype": "int8"}, "comm_dtype='int8'"),
+        ({"data_parallel": "fsdp2"}, "data_parallel='fsdp2' is not supported .* would save no memory"),
+        ({"data_parallel": "zero3"}, "data_parallel='zero3' is not allowed"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
