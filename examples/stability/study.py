@@ -150,7 +150,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
             continue
         losses = [[r["val_loss"] for r in runs if r["lr"] == lr] for lr in lrs]
         means = [statistics.mean(v) for v in losses]
-        (line,) = loss_ax.plot(lrs, means, marker="o", label=variant)
+        style = {"color": "black", "linestyle": "--"} if variant == "residual" else {}
+        (line,) = loss_ax.plot(lrs, means, marker="o", label=variant, **style)
         loss_ax.fill_between(
             lrs, [min(v) for v in losses], [max(v) for v in losses], alpha=0.15, color=line.get_color()
         )
