@@ -11,6 +11,9 @@ Used on CPU, on GPUs without Triton, and as what ``torch.compile`` traces. Two i
   beyond the stream itself; backward writes one stream-sized gradient (the projection's, with the RMS and
   pre-mix terms added in place). ``merge`` is one batched matmul plus an in-place ``addcmul`` each way.
 
+Under ``torch.compile`` Sinkhorn's forward and backward stay opaque (custom ops): inductor's code for the 20
+column/row normalisations over the leading dimensions was about 6x slower than these eager loops.
+
 Coefficient arithmetic is fp32 (fp64 stays fp64, for gradcheck); the stream keeps its dtype and is upcast only
 where the projection needs it.
 """
@@ -23,6 +26,7 @@ from torch import Tensor
 from lightning_mhc.kernels.reference import RMS_EPS, SINKHORN_EPS, Coefficients, at_least_fp32
 
 
+@torch.library.custom_op("lightning_mhc::sinkhorn_tokens_last", mutates_args=())
 def _sinkhorn_forward(logits: Tensor, iters: int) -> Tensor:
     """Sinkhorn-Knopp on ``(n, n, tokens)`` logits (tokens last), exactly ``reference.sinkhorn_unrolled``'s steps."""
     m = torch.exp(logits - logits.amax(dim=(0, 1), keepdim=True)).add_(SINKHORN_EPS)
@@ -32,6 +36,12 @@ def _sinkhorn_forward(logits: Tensor, iters: int) -> Tensor:
     return m
 
 
+@_sinkhorn_forward.register_fake
+def _(logits: Tensor, iters: int) -> Tensor:
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("lightning_mhc::sinkhorn_tokens_last_backward", mutates_args=())
 def _sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
     """Gradient wrt ``(n, n, tokens)`` logits: recompute the iterates, then ``reference.Sinkhorn.backward``'s steps."""
     shift = logits.amax(dim=(0, 1), keepdim=True)
@@ -52,6 +62,11 @@ def _sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
     is_max = (logits == shift).to(ge.dtype)
     share = is_max / is_max.sum(dim=(0, 1), keepdim=True)
     return ge - share * ge.sum(dim=(0, 1), keepdim=True)
+
+
+@_sinkhorn_backward.register_fake
+def _(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
+    return torch.empty_like(logits)
 
 
 def _tokens_last(t: Tensor, dims: int) -> Tensor:
