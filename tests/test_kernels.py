@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from kernel_devices import DEVICES, INTERPRETING  # noqa: E402
 
-from lightning_mhc.kernels import coefficients, ops, reference  # noqa: E402
+from lightning_mhc.kernels import apply, coefficients, ops, reference  # noqa: E402
 from lightning_mhc.kernels.dispatch import get_ops, resolve_backend  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -253,6 +253,29 @@ def test_apply_walks_several_channel_chunks(device):
     x, f, h_pre, h_res, h_post = _apply_inputs((5,), 2, 1100, torch.bfloat16, device, gen)
     _compare_apply("pre_mix", (x, h_pre), device, gen)
     _compare_apply("merge", (x, f, h_res, h_post), device, gen)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [3, 8])
+def test_merge_backward_on_token_strided_views(n, dtype, device):
+    """The merge backward over several channel chunks with a ragged tail (C = 200), padded streams (n = 3) and
+    input streams split over threads (n = 8), reading token-strided views of x, f and grad_out."""
+    gen = torch.Generator().manual_seed(20 + n)
+    tokens, c = 5, 200
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    x, f, grad_out = randn(tokens, n + 1, c)[:, 1:], randn(tokens, 2 * c)[:, c:], randn(tokens, n + 2, c)[:, 2:]
+    h_res = torch.rand(tokens, n, n, generator=gen).to(device)
+    h_post = 2 * torch.rand(tokens, n, generator=gen).to(device)
+    got = apply.merge_backward(x, f, h_res, h_post, grad_out)
+    ref_in = _leaves(x.float(), f.float(), h_res, h_post)
+    want = _grads(reference.merge(*ref_in), ref_in, grad_out.float())
+    for g, w, inp in zip(got, want, (x, f, h_res, h_post)):
+        assert g.dtype == inp.dtype
+        _check(g, w, TOL[inp.dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)

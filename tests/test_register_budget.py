@@ -13,8 +13,10 @@ arithmetic and tail. These kernels are bandwidth-bound and need bytes in flight 
 adds local-memory traffic to a kernel whose cost is memory traffic.
 
 Widths: ``C = 1280`` and ``4096`` give the apply kernels' two channel blocks (256 and 512); the logits and Sinkhorn
-kernels' tiles do not depend on ``C`` at these widths. bf16 streams (the paper's set-up) at both, fp32 streams at
-1280 (fp32 loads take twice the registers per element; the merge backward spilled there).
+kernels' tiles do not depend on ``C`` at these widths, nor does the merge backward's (one 128-byte line per token
+and stream: its channels per thread and its split of the input streams depend on n and the dtype only). bf16
+streams (the paper's set-up) at both, fp32 streams at 1280 (fp32 loads take twice the registers per element; the
+merge backward spilled there).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ the fused form whose traffic is the bandwidth floor (DESIGN §1).
 
 Every program owns ``BLOCK_T`` tokens and walks ``C`` in ``BLOCK_C`` chunks, so loads and stores are
 contiguous over ``C`` and the per-token reductions of the backward (``dH = sum_c g * x``) finish inside the
-program, with no atomics and no partial buffers. The ``n x n`` mix is unrolled over the input stream ``j``
+program, with no atomics and no partial buffers (the merge backward gathers them in per-thread accumulators and
+crosses threads once per program, after its loop). The ``n x n`` mix is unrolled over the input stream ``j``
 (``n`` is a compile-time constant): one contiguous ``(BLOCK_T, BLOCK_C)`` row of ``x`` at a time, multiplied
 into all ``n`` outputs. Arithmetic is fp32 in registers whatever the storage dtype.
 
@@ -155,48 +156,71 @@ def _merge_bwd_kernel(
     NP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    t = _tokens(BLOCK_T)
-    i = tl.arange(0, NP)
+    # Rows r, the last axis of every tile so that threads and warps spread over rows only: BLOCK_T tokens x SLOTS
+    # slots of VEC adjacent channels x SPLIT groups of NJ = NP / SPLIT input streams j. A thread holds every stream
+    # i of g for its VEC channels and computes dx_j and dh_res[:, j] for the j of its group, so within a chunk every
+    # product and sum stays in the thread (no shuffles, no shared memory, no barriers); dh_res and dh_post gather
+    # in per-thread accumulators and cross threads once, after the loop.
+    SLOTS: tl.constexpr = BLOCK_C // VEC
+    NJ: tl.constexpr = NP // SPLIT
+    r = tl.arange(0, BLOCK_T * SLOTS * SPLIT)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + r // (SLOTS * SPLIT)
+    slot = (r // SPLIT % SLOTS) * VEC
+    j0 = (r % SPLIT) * NJ
+    s = tl.arange(0, NP)
+    jj = tl.arange(0, NJ)
     t_mask = t < n_tokens
-    h_mask = t_mask[:, None] & (i[None, :] < N)
-    h_post = tl.load(h_post_ptr + t[:, None] * N + i[None, :], mask=h_mask, other=0.0).to(tl.float32)
-    dh_res = tl.zeros((BLOCK_T, NP, NP), dtype=tl.float32)
-    dh_post = tl.zeros((BLOCK_T, NP), dtype=tl.float32)
+    st_mask = (s[:, None] < N) & t_mask[None, :]
+    h_post = tl.load(h_post_ptr + t[None, :] * N + s[:, None], mask=st_mask, other=0.0)
+    acc_res = tl.zeros((NP, NJ, BLOCK_T * SLOTS * SPLIT), dtype=tl.float32)
+    acc_post = tl.zeros((NP, BLOCK_T * SLOTS * SPLIT), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c < C
-        row_mask = t_mask[:, None] & c_mask[None, :]
-        g_offs = t[:, None, None] * stride_g + i[None, :, None] * C + c[None, None, :]
-        g_mask = h_mask[:, :, None] & c_mask[None, None, :]
-        g = tl.load(grad_out_ptr + g_offs, mask=g_mask, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + t[:, None] * stride_f + c[None, :], mask=row_mask, other=0.0).to(tl.float32)
-        df = tl.sum(h_post[:, :, None] * g, axis=1)
-        tl.store(df_ptr + t[:, None] * stride_df + c[None, :], df.to(df_ptr.dtype.element_ty), mask=row_mask)
-        dh_post += tl.sum(g * f[:, None, :], axis=2)
-        for j in tl.static_range(N):
-            x_j = tl.load(x_ptr + t[:, None] * stride_x + j * C + c[None, :], mask=row_mask, other=0.0).to(tl.float32)
-            h_j = tl.load(h_res_ptr + t[:, None] * (N * N) + i[None, :] * N + j, mask=h_mask, other=0.0)
-            dx_j = tl.sum(h_j.to(tl.float32)[:, :, None] * g, axis=1)
-            dx_offs = t[:, None] * stride_dx + j * C + c[None, :]
-            tl.store(dx_ptr + dx_offs, dx_j.to(dx_ptr.dtype.element_ty), mask=row_mask)
-            dh_col = tl.sum(g * x_j[:, None, :], axis=2)
-            dh_res += tl.where(i[None, None, :] == j, dh_col[:, :, None], 0.0)
-    tl.store(dh_post_ptr + t[:, None] * N + i[None, :], dh_post, mask=h_mask)
-    res_offs = t[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
-    res_mask = h_mask[:, :, None] & (i[None, None, :] < N)
-    tl.store(dh_res_ptr + res_offs, dh_res, mask=res_mask)
+        c = c0 + tl.arange(0, VEC)[:, None] + slot[None, :]
+        row_mask = (c < C) & t_mask[None, :]
+        mask = (s[:, None, None] < N) & row_mask[None, :, :]
+        g_offs = t[None, None, :] * stride_g + s[:, None, None] * C + c[None, :, :]
+        g = tl.load(grad_out_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + t[None, :] * stride_f + c, mask=row_mask, other=0.0).to(tl.float32)
+        df = tl.sum(h_post[:, None, :] * g, axis=0)
+        df_mask = row_mask & (j0 == 0)[None, :]
+        tl.store(df_ptr + t[None, :] * stride_df + c, df.to(df_ptr.dtype.element_ty), mask=df_mask)
+        acc_post += tl.sum(g * f[None, :, :], axis=1)
+        # Rows with channels left in this chunk: a loop-variant mask keeps the coefficients in L1, not in registers
+        # across the loop (LLVM hoists a loop-invariant load).
+        live = st_mask & (c0 + slot < C)[None, :]
+        for k in tl.static_range(NJ):
+            j = j0 + k
+            h_j = tl.load(h_res_ptr + t[None, :] * (N * N) + s[:, None] * N + j[None, :], mask=live, other=0.0)
+            dx_j = tl.sum(h_j[:, None, :] * g, axis=0)
+            j_offs = j[None, :] * C + c
+            j_mask = row_mask & (j < N)[None, :]
+            tl.store(dx_ptr + t[None, :] * stride_dx + j_offs, dx_j.to(dx_ptr.dtype.element_ty), mask=j_mask)
+            x_j = tl.load(x_ptr + t[None, :] * stride_x + j_offs, mask=j_mask, other=0.0).to(tl.float32)
+            gx = tl.sum(g * x_j[None, :, :], axis=1)
+            acc_res = tl.where(jj[None, :, None] == k, acc_res + gx[:, None, :], acc_res)
+    # Once per program: sum each token's rows across threads (every group of j holds the same acc_post).
+    acc_post = tl.where(j0 == 0, acc_post, 0.0)
+    dh_post = tl.sum(tl.reshape(acc_post, (NP, BLOCK_T, SLOTS * SPLIT)), axis=2)
+    dh_res = tl.sum(tl.reshape(acc_res, (NP, NJ, BLOCK_T, SLOTS, SPLIT)), axis=3)
+    tok = _tokens(BLOCK_T)
+    tok_mask = (s[:, None] < N) & (tok < n_tokens)[None, :]
+    tl.store(dh_post_ptr + tok[None, :] * N + s[:, None], dh_post, mask=tok_mask)
+    cols = tl.arange(0, SPLIT)[None, :] * NJ + jj[:, None]
+    res_offs = tok[None, None, :, None] * (N * N) + s[:, None, None, None] * N + cols[None, :, None, :]
+    tl.store(dh_res_ptr + res_offs, dh_res, mask=tok_mask[:, None, :, None] & (cols < N)[None, :, None, :])
 
 
 # Per kernel: elements of the (BLOCK_T, n, BLOCK_C) tile a program holds per chunk, and elements per thread
 # (num_warps = tile / (32 * per_thread), between 4 and 8). Sized for sm_90 so that every kernel stays at or
 # below 128 registers per thread without spilling at n = 2..8 (tests/test_register_budget.py): the 64K-register
-# file then holds >= 16 warps, two 8-warp programs per SM. The backward of the merge holds the n x n
-# accumulators besides the tile and spilled at 4096 elements (128 registers + 4-16 bytes of spills at n = 4, 8,
-# C = 1280, bf16; 166 registers at n = 8 in fp32); at 2048 elements it takes <= 102. The forward's 4096-element
-# tile reached 128 (n = 8, C = 1280, fp32); at 2048 it takes <= 96. Two programs of half the tile keep as many
-# bytes in flight per SM as one program of the whole tile did.
-TILES = {"pre_mix_fwd": (4096, 16), "pre_mix_bwd": (4096, 16), "merge_fwd": (2048, 8), "merge_bwd": (2048, 8)}
+# file then holds >= 16 warps, two 8-warp programs per SM. The forward's 4096-element tile reached 128 registers
+# (n = 8, C = 1280, fp32); at 2048 it takes <= 96. Two programs of half the tile keep as many bytes in flight per
+# SM as one program of the whole tile did. The merge backward has its own layout (``_merge_bwd_config``).
+TILES = {"pre_mix_fwd": (4096, 16), "pre_mix_bwd": (4096, 16), "merge_fwd": (2048, 8)}
+MERGE_BWD_WARPS = 4
 
 
 def _launch_config(n_tokens: int, n: int, c: int, kernel: str) -> tuple[int, int, int, int, int]:
@@ -212,6 +236,25 @@ def _launch_config(n_tokens: int, n: int, c: int, kernel: str) -> tuple[int, int
     block_t = max(1, min(triton.next_power_of_2(n_tokens), tile // (n_pad * block_c)))
     num_warps = min(8, max(4, n_pad * block_c * block_t // (32 * per_thread)))
     return n_pad, block_t, block_c, num_warps, triton.cdiv(n_tokens, block_t)
+
+
+def _merge_bwd_config(n_tokens: int, n: int, c: int, itemsize: int) -> tuple[int, int, int, int, int, int, int]:
+    """Stream padding, tokens, channels, channels per thread (``VEC``) and groups of j per chunk, warps, grid.
+
+    A chunk spans one 128-byte line per token and stream (64 bf16 / 32 fp32 channels), one row of ``VEC`` channels
+    per thread. A thread keeps n * VEC values of g, n * n / SPLIT accumulators of dh_res and n of dh_post, and its
+    group's coefficient columns, so ``VEC`` shrinks as n grows (8 at n = 2, 4 at n = 4, 2 at n = 8 in bf16) and
+    n = 8 splits the 8 input streams j over ``SPLIT`` = 4 threads (one group of 2 took 137-140 registers). sm_90
+    registers, n = 2 / 4 / 8: 64 / 96 / 72 (bf16), 56 / 112 / 110 (fp32), no spills.
+    """
+    n_pad = triton.next_power_of_2(n)
+    vec = max(2, min(16 // itemsize, 16 // n_pad))
+    split = max(1, n_pad * n_pad // 16)
+    block_c = max(vec, min(128 // itemsize, triton.next_power_of_2(c)))
+    per_token = block_c // vec * split
+    block_t = max(1, min(triton.next_power_of_2(n_tokens), 32 * MERGE_BWD_WARPS // per_token))
+    num_warps = max(1, min(MERGE_BWD_WARPS, block_t * per_token // 32))
+    return n_pad, block_t, block_c, vec, split, num_warps, triton.cdiv(n_tokens, block_t)
 
 
 def rows(t: Tensor) -> Tensor:
@@ -330,7 +373,7 @@ def merge_backward(
     dx, df = _output(dx, x), _output(df, f)
     dh_res = torch.empty((n_tokens, n, n), device=x.device, dtype=torch.float32)
     dh_post = torch.empty((n_tokens, n), device=x.device, dtype=torch.float32)
-    n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c, "merge_bwd")
+    n_pad, block_t, block_c, vec, split, num_warps, grid = _merge_bwd_config(n_tokens, n, c, x.element_size())
     _merge_bwd_kernel[(grid,)](
         x,
         f,
@@ -352,6 +395,8 @@ def merge_backward(
         NP=n_pad,
         BLOCK_T=block_t,
         BLOCK_C=block_c,
+        VEC=vec,
+        SPLIT=split,
         num_warps=num_warps,
     )
     return dx, df, dh_res, dh_post
