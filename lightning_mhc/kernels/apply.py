@@ -45,17 +45,19 @@ def _pre_mix_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # Streams first: warps and threads spread over (token, channel) and each thread holds all n streams of its
+    # channels, so the sum over streams stays in the thread (pre_mix_forward sizes num_warps for that).
     t = _tokens(BLOCK_T)
     i = tl.arange(0, NP)
     t_mask = t < n_tokens
-    h_mask = t_mask[:, None] & (i[None, :] < N)
-    h = tl.load(h_ptr + t[:, None] * N + i[None, :], mask=h_mask, other=0.0).to(tl.float32)
+    h_mask = (i[:, None] < N) & t_mask[None, :]
+    h = tl.load(h_ptr + t[None, :] * N + i[:, None], mask=h_mask, other=0.0).to(tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < C
-        x_offs = t[:, None, None] * stride_x + i[None, :, None] * C + c[None, None, :]
+        x_offs = i[:, None, None] * C + t[None, :, None] * stride_x + c[None, None, :]
         x = tl.load(x_ptr + x_offs, mask=h_mask[:, :, None] & c_mask[None, None, :], other=0.0).to(tl.float32)
-        y = tl.sum(h[:, :, None] * x, axis=1)
+        y = tl.sum(h[:, :, None] * x, axis=0)
         out_mask = t_mask[:, None] & c_mask[None, :]
         tl.store(out_ptr + t[:, None] * stride_out + c[None, :], y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -286,6 +288,8 @@ def pre_mix_forward(x: Tensor, h_pre: Tensor, out: Tensor | None = None) -> Tens
     n_tokens, n, c = x.shape
     out = _output(out, x[:, 0])
     n_pad, block_t, block_c, num_warps, grid = _launch_config(n_tokens, n, c, "pre_mix_fwd")
+    # No more warps than (token, 16-byte vector) positions, so no stream lands on another warp.
+    num_warps = max(1, min(num_warps, block_t * block_c * x.element_size() // (32 * 16)))
     _pre_mix_fwd_kernel[(grid,)](
         x,
         h_pre,
