@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from kernel_devices import DEVICES, INTERPRETING  # noqa: E402
 
-from lightning_mhc.kernels import apply, coefficients, ops, reference  # noqa: E402
+from lightning_mhc.kernels import apply, coefficients, fast, ops, reference  # noqa: E402
 from lightning_mhc.kernels.dispatch import get_ops, resolve_backend  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
