@@ -90,7 +90,8 @@ class HyperConnection(Float32Parameters):
         return coeffs
 
     def read(self, x: Tensor, capture: bool = True) -> tuple[Tensor, Coefficients | None]:
-        """Branch input ``H_pre · x`` and the coefficients ``write`` needs (``capture`` as in ``coefficients``)."""
+        """Branch input ``H_pre · x`` and the coefficients ``write`` needs (``capture`` as in ``coefficients``); for
+        mHC one fused step of the backend (``KernelOps.mhc_read``: coefficients and pre-mix in one pass)."""
         if self.mode == "residual":
             return x.squeeze(-2), None
         if self.mode == "hc":
