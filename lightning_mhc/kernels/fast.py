@@ -26,26 +26,40 @@ from torch import Tensor
 from lightning_mhc.kernels.reference import RMS_EPS, SINKHORN_EPS, Coefficients, at_least_fp32
 
 
+def _start(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``e = exp(L - max L)`` of ``(tokens, n, n)`` logits and each entry's share of ``d max / d L`` (``1 / number of
+    maxima`` on the maxima, else 0), both tokens last ``(n, n, tokens)``.
+
+    Computed tokens first, as the reference does: a vectorised ``exp`` and its scalar tail round differently, and
+    with tokens first every token's entries take the same path, so identical streams stay bitwise identical.
+    """
+    lf = at_least_fp32(logits)
+    shift = lf.amax(dim=(-2, -1), keepdim=True)
+    is_max = (lf == shift).to(lf.dtype)
+    share = is_max / is_max.sum(dim=(-2, -1), keepdim=True)
+    return _tokens_last(torch.exp(lf - shift), 2), _tokens_last(share, 2)
+
+
 @torch.library.custom_op("lightning_mhc::sinkhorn_tokens_last", mutates_args=())
-def _sinkhorn_forward(logits: Tensor, iters: int) -> Tensor:
-    """Sinkhorn-Knopp on ``(n, n, tokens)`` logits (tokens last), exactly ``reference.sinkhorn_unrolled``'s steps."""
-    m = torch.exp(logits - logits.amax(dim=(0, 1), keepdim=True)).add_(SINKHORN_EPS)
+def _sinkhorn_iterate(e: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp from ``e = exp(L - max L)``, ``(n, n, tokens)``: ``M0 = e + eps``, then ``iters`` times
+    columns, then rows, exactly ``reference.sinkhorn_unrolled``'s steps (divisions and sums only)."""
+    m = e + SINKHORN_EPS
     for _ in range(iters):
         m.div_(m.sum(0, keepdim=True))
         m.div_(m.sum(1, keepdim=True))
     return m
 
 
-@_sinkhorn_forward.register_fake
-def _(logits: Tensor, iters: int) -> Tensor:
-    return torch.empty_like(logits)
+@_sinkhorn_iterate.register_fake
+def _(e: Tensor, iters: int) -> Tensor:
+    return torch.empty_like(e)
 
 
 @torch.library.custom_op("lightning_mhc::sinkhorn_tokens_last_backward", mutates_args=())
-def _sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
-    """Gradient wrt ``(n, n, tokens)`` logits: recompute the iterates, then ``reference.Sinkhorn.backward``'s steps."""
-    shift = logits.amax(dim=(0, 1), keepdim=True)
-    e = torch.exp(logits - shift)
+def _sinkhorn_iterate_backward(e: Tensor, share: Tensor, grad: Tensor, iters: int) -> Tensor:
+    """Gradient wrt the logits (tokens last) given ``e``, the shares of ``max L`` (``_start``) and the gradient wrt
+    the result: recompute the iterates, then ``reference.Sinkhorn.backward``'s steps."""
     m = e + SINKHORN_EPS
     trace = []
     for _ in range(iters):
@@ -59,14 +73,12 @@ def _sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
         g = (g - (g * out).sum(1, keepdim=True)) / row
         g = (g - (g * after_cols).sum(0, keepdim=True)) / col
     ge = g * e
-    is_max = (logits == shift).to(ge.dtype)
-    share = is_max / is_max.sum(dim=(0, 1), keepdim=True)
     return ge - share * ge.sum(dim=(0, 1), keepdim=True)
 
 
-@_sinkhorn_backward.register_fake
-def _(logits: Tensor, grad: Tensor, iters: int) -> Tensor:
-    return torch.empty_like(logits)
+@_sinkhorn_iterate_backward.register_fake
+def _(e: Tensor, share: Tensor, grad: Tensor, iters: int) -> Tensor:
+    return torch.empty_like(e)
 
 
 def _tokens_last(t: Tensor, dims: int) -> Tensor:
@@ -87,12 +99,16 @@ class _Sinkhorn(torch.autograd.Function):
     def forward(ctx, logits: Tensor, iters: int) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(logits)
         ctx.iters = iters
-        return _tokens_first(_sinkhorn_forward(_tokens_last(logits, 2), iters), logits.shape[:-2])
+        n = logits.shape[-1]
+        e, _ = _start(logits.reshape(-1, n, n))
+        return _tokens_first(_sinkhorn_iterate(e, iters), logits.shape[:-2])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (logits,) = ctx.saved_tensors
-        grad = _sinkhorn_backward(_tokens_last(logits, 2), _tokens_last(grad_out, 2), ctx.iters)
+        n = logits.shape[-1]
+        e, share = _start(logits.reshape(-1, n, n))
+        grad = _sinkhorn_iterate_backward(e, share, _tokens_last(grad_out, 2), ctx.iters)
         return _tokens_first(grad, logits.shape[:-2]).to(logits.dtype), None
 
 
@@ -102,13 +118,20 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
 
 
 def _gains(alpha: Tensor, n: int) -> Tensor:
-    """``alpha`` per logit row: ``[alpha_pre] * n + [alpha_post] * n + [alpha_res] * n*n``, as a column."""
+    """``alpha`` per logit: ``[alpha_pre] * n + [alpha_post] * n + [alpha_res] * n*n``."""
     return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+
+
+def _logits(proj: Tensor, rms: Tensor, alpha: Tensor, bias: Tensor, n: int) -> Tensor:
+    """``(tokens, n*n + 2n)`` logits ``proj / rms * alpha + b``, with the reference's operations (no fused
+    multiply-add, whose rounding would depend on an entry's position)."""
+    dt = proj.dtype
+    return proj / rms.unsqueeze(-1) * _gains(alpha.to(dt), n) + bias.to(dt)
 
 
 class _Read(torch.autograd.Function):
     """``(H_pre · x, H_pre, H_post, H_res)`` of mHC: ``reference.mhc_logits``, ``coefficients_from_logits`` and
-    ``pre_mix`` in one Function. Saves the stream (an input, kept anyway), the ``(n*n + 2n, tokens)`` projection,
+    ``pre_mix`` in one Function. Saves the stream (an input, kept anyway), the ``(tokens, n*n + 2n)`` projection,
     the RMS and ``H_pre``; everything else is recomputed in backward from those."""
 
     @staticmethod
@@ -116,16 +139,18 @@ class _Read(torch.autograd.Function):
         n, c = x.shape[-2:]
         lead = x.shape[:-2]
         v = at_least_fp32(x.reshape(-1, n * c))
-        proj = torch.mm(phi.to(v.dtype).t(), v.t())  # (n*n + 2n, tokens)
+        proj = torch.mm(v, phi.to(v.dtype))  # the reference's GEMM
         rms = torch.sqrt(torch.linalg.vector_norm(v, dim=-1).square_().div_(n * c).add_(RMS_EPS))
-        h_pre, h_post, res_logits = _activate_logits(proj, rms, alpha, bias, n)
-        h_res = _sinkhorn_forward(res_logits, iters)
-        pre_tokens = _tokens_first(h_pre, lead)
-        mixed = torch.matmul(pre_tokens.to(x.dtype).unsqueeze(-2), x).squeeze(-2)
+        logits = _logits(proj, rms, alpha, bias, n)
+        h_pre = torch.sigmoid(logits[:, :n])
+        h_post = torch.sigmoid(logits[:, n : 2 * n]).mul_(2)
+        e, _ = _start(logits[:, 2 * n :].unflatten(-1, (n, n)))
+        h_res = _tokens_first(_sinkhorn_iterate(e, iters), lead)
+        mixed = torch.matmul(h_pre.to(x.dtype).unsqueeze(-2), x.reshape(-1, n, c)).view(*lead, c)
         ctx.save_for_backward(x, phi, alpha, bias, proj, rms, h_pre)
         ctx.iters = iters
         ctx.set_materialize_grads(False)
-        return mixed, pre_tokens, _tokens_first(h_post, lead), _tokens_first(h_res, lead)
+        return mixed, h_pre.view(*lead, n), h_post.view(*lead, n), h_res
 
     @staticmethod
     def backward(ctx, g_mixed: Tensor | None, g_pre: Tensor | None, g_post: Tensor | None, g_res: Tensor | None):  # type: ignore[override]
@@ -134,68 +159,38 @@ class _Read(torch.autograd.Function):
         dt = proj.dtype
         v = at_least_fp32(x.reshape(-1, n * c))  # coefficient gradients reduce over C in fp32: no fp16 overflow
         tokens = v.shape[0]
-        d_pre = torch.zeros_like(h_pre) if g_pre is None else _tokens_last(g_pre, 1)
+        logits = _logits(proj, rms, alpha, bias, n)
+        d_logits = torch.zeros_like(logits)
+        d_pre = d_logits[:, :n]
+        if g_pre is not None:
+            d_pre.copy_(g_pre.reshape(tokens, n))
         if g_mixed is not None:
             g_mixed = g_mixed.reshape(tokens, 1, c).to(dt)
-            d_pre = d_pre + torch.matmul(g_mixed, v.view(tokens, n, c).transpose(-1, -2)).view(tokens, n).t()
-        d_post = None if g_post is None else _tokens_last(g_post, 1)
-        d_res = None if g_res is None else _tokens_last(g_res, 2)
-        d_proj, d_rms, d_alpha, d_bias = _activate_backward(
-            proj, rms, alpha, bias, n, ctx.iters, h_pre, d_pre, d_post, d_res
-        )
+            d_pre.add_(torch.matmul(g_mixed, v.view(tokens, n, c).transpose(-1, -2)).view(tokens, n))
+        d_pre.mul_(h_pre * (1 - h_pre))
+        if g_post is not None:
+            h_post = torch.sigmoid(logits[:, n : 2 * n]).mul_(2)
+            d_logits[:, n : 2 * n] = g_post.reshape(tokens, n) * (h_post * (1 - h_post / 2))
+        if g_res is not None:
+            e, share = _start(logits[:, 2 * n :].unflatten(-1, (n, n)))
+            d_res = _sinkhorn_iterate_backward(e, share, _tokens_last(g_res, 2), ctx.iters)
+            d_logits[:, 2 * n :] = _tokens_first(d_res, torch.Size([tokens])).view(tokens, n * n)
+        scaled = proj / rms.unsqueeze(-1)
+        d_gains = (d_logits * scaled).sum(0)
+        d_alpha = torch.stack([d_gains[:n].sum(), d_gains[n : 2 * n].sum(), d_gains[2 * n :].sum()])
+        d_scaled = d_logits * _gains(alpha.to(dt), n)
+        d_rms = -(d_scaled * scaled).sum(1) / rms
+        d_proj = d_scaled / rms.unsqueeze(-1)
         d_x = d_phi = None
         if ctx.needs_input_grad[0]:
-            d_x = torch.mm(d_proj.t(), phi.to(dt).t())
+            d_x = torch.mm(d_proj, phi.to(dt).t())
             d_x.addcmul_((d_rms / (rms * (n * c))).unsqueeze(-1), v)
             if g_mixed is not None:
-                d_x.view(tokens, n, c).addcmul_(h_pre.t().unsqueeze(-1), g_mixed)
+                d_x.view(tokens, n, c).addcmul_(h_pre.unsqueeze(-1), g_mixed)
             d_x = d_x.to(x.dtype).view(x.shape)
         if ctx.needs_input_grad[1]:
-            d_phi = torch.mm(v.t(), d_proj.t()).to(phi.dtype)
-        return d_x, d_phi, d_alpha.to(alpha.dtype), d_bias.to(bias.dtype), None
-
-
-def _activate_logits(proj: Tensor, rms: Tensor, alpha: Tensor, bias: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``H_pre = sigmoid``, ``H_post = 2 sigmoid`` (``(n, tokens)``) and the ``(n, n, tokens)`` res logits of
-    ``proj / rms * alpha + b``."""
-    dt = proj.dtype
-    logits = torch.addcmul(bias.to(dt).unsqueeze(-1), proj / rms, _gains(alpha.to(dt), n).unsqueeze(-1))
-    pre, post, res = logits.split([n, n, n * n])
-    return torch.sigmoid(pre), torch.sigmoid(post).mul_(2), res.reshape(n, n, -1)
-
-
-def _activate_backward(
-    proj: Tensor,
-    rms: Tensor,
-    alpha: Tensor,
-    bias: Tensor,
-    n: int,
-    iters: int,
-    h_pre: Tensor,
-    d_pre: Tensor,
-    d_post: Tensor | None,
-    d_res: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients wrt the projection ``(n*n + 2n, tokens)``, the RMS ``(tokens,)``, ``alpha`` and ``b`` given those
-    wrt ``H_pre``, ``H_post`` and ``H_res`` (tokens last)."""
-    _, h_post, res_logits = _activate_logits(proj, rms, alpha, bias, n)
-    tokens = proj.shape[1]
-    d_logits = torch.empty_like(proj)
-    torch.mul(d_pre, h_pre * (1 - h_pre), out=d_logits[:n])
-    if d_post is None:
-        d_logits[n : 2 * n].zero_()
-    else:
-        torch.mul(d_post, h_post * (1 - h_post / 2), out=d_logits[n : 2 * n])
-    if d_res is None:
-        d_logits[2 * n :].zero_()
-    else:
-        d_logits[2 * n :] = _sinkhorn_backward(res_logits, d_res, iters).view(n * n, tokens)
-    scaled = proj / rms
-    d_gains = (d_logits * scaled).sum(1)
-    d_alpha = torch.stack([d_gains[:n].sum(), d_gains[n : 2 * n].sum(), d_gains[2 * n :].sum()])
-    d_scaled = d_logits * _gains(alpha.to(proj.dtype), n).unsqueeze(-1)
-    d_rms = -(d_scaled * scaled).sum(0) / rms
-    return d_scaled / rms, d_rms, d_alpha, d_logits.sum(1)
+            d_phi = torch.mm(v.t(), d_proj).to(phi.dtype)
+        return d_x, d_phi, d_alpha.to(alpha.dtype), d_logits.sum(0).to(bias.dtype), None
 
 
 def read(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> tuple[Tensor, Coefficients]:
@@ -237,7 +232,7 @@ class _Merge(torch.autograd.Function):
         # The coefficient gradients reduce over C: in at least fp32, where half precision would overflow.
         g32 = at_least_fp32(grad)
         d_res = _sum_to(torch.matmul(g32, at_least_fp32(x).transpose(-1, -2)), h_res) if need_res else None
-        d_post = _sum_to(torch.matmul(g32, at_least_fp32(f).unsqueeze(-1)).squeeze(-1), h_post) if need_post else None
+        d_post = _sum_to((g32 * at_least_fp32(f).unsqueeze(-2)).sum(-1), h_post) if need_post else None
         return d_x, d_f, d_res, d_post
 
 
