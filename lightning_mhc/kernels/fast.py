@@ -2,10 +2,10 @@
 
 Used on CPU, on GPUs without Triton, and as what ``torch.compile`` traces. Two ideas make it fast in eager mode:
 
-- **Tokens last for the small maps.** The coefficient logits are computed as ``phi^T @ v^T`` (one matmul, shape
-  ``(n*n + 2n, tokens)``), so every elementwise step after it, and all of Sinkhorn's iterations on ``(n, n, tokens)``,
-  run over long contiguous rows of tokens instead of tiny ``n x n`` blocks: ATen's reductions over the leading
-  dimensions vectorise, and Sinkhorn costs about a twentieth of the ``(tokens, n, n)`` formulation.
+- **Sinkhorn tokens last.** Its 20 column/row normalisations run on ``(n, n, tokens)``: long contiguous rows of
+  tokens instead of tiny ``n x n`` blocks, so ATen's sums over the leading dimensions vectorise (about a twentieth
+  of the ``(tokens, n, n)`` time). Only divisions and sums run there (exactly rounded wherever an entry sits);
+  ``exp`` and ``sigmoid`` run tokens first as in the reference, so identical streams stay bitwise identical.
 - **Few passes over the stream state ``(..., n, C)``.** ``read`` is the coefficients and the pre-mix in one
   Function: forward reads the stream for the RMS, the projection and the pre-mix and saves nothing stream-sized
   beyond the stream itself; backward writes one stream-sized gradient (the projection's, with the RMS and
