@@ -210,6 +210,13 @@ class StreamDiversity(Metric):
         """Token-averaged pairwise cosine distance in ``[0, 2]`` (NaN before any token)."""
         return self.distance_sum / self.tokens
 
+    def merge_state(self, incoming_state: Union[dict[str, Any], Metric]) -> None:
+        """Add another diversity's statistics, counted as an update: torchmetrics' own merge neither counts one (so
+        ``compute`` warned that it ran before ``update``) nor drops a cached result."""
+        super().merge_state(incoming_state)
+        self._update_count += 1
+        self._computed = None
+
 
 class ExpertLoad(Metric):
     """MoE load balance: how unevenly tokens spread over experts, and how sure the router is.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,22 @@ def test_stream_diversity_averages_over_tokens() -> None:
     metric.update(torch.stack([torch.ones(2, 3), torch.eye(3)[:2]]))  # tokens at 0 and 1
     metric.update(torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]] * 2))  # two tokens at 2: (0 + 1 + 4) / 4
     assert metric.compute().item() == pytest.approx(1.25)
+
+
+def test_stream_diversity_merged_state_computes_without_warning_and_is_not_stale() -> None:
+    merged, part = StreamDiversity(), StreamDiversity()
+    merged.update(torch.eye(3)[None])  # one token at 1
+    assert merged.compute().item() == pytest.approx(1.0)
+    part.update(torch.ones(1, 2, 3))  # one token at 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merged.merge_state(part)
+        assert merged.compute().item() == pytest.approx(0.5)
+    fresh = StreamDiversity()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.merge_state(part)
+        assert fresh.compute().item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_stream_diversity_rejects_a_vector() -> None:
