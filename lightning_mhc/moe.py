@@ -26,7 +26,9 @@ top-k, and the top-k probabilities are used as gate weights *without* renormalis
 ``moe_normalize_expert_weights=None``); ``normalize_expert_weights=True`` divides them by their sum (MegaBlocks with
 ``moe_normalize_expert_weights=1``, DeepSeek-V3 style). The state of a forward is per call: a module called several
 times per step keeps only the last call's ``aux_loss``, and the ``aux_free`` bias is updated after every training
-forward (each micro-batch under gradient accumulation; twice if activation checkpointing re-runs the forward).
+forward (each micro-batch under gradient accumulation; twice if activation checkpointing re-runs the forward), unless
+:func:`defer_bias_updates` makes the layers sum their loads until :func:`apply_bias_updates` (a pipeline's
+microbatches: one step per batch, as one process takes).
 Under ``torch.distributed`` every rank of the balancing group must therefore run the same number of training
 forwards of each layer (as DDP/FSDP already require); a pipeline stage holding different layers must not join a
 collective over all ranks: give it a data-parallel group, or ``None``, with :func:`set_balance_group`.
@@ -181,6 +183,8 @@ class _MoEState:
         self.tokens_per_expert = torch.zeros(config.num_experts, dtype=torch.long, device=device)
         self.router_entropy = torch.zeros((), device=device)
         self.balance_group = WORLD
+        self.defer_bias_update = False
+        self.pending_load: Optional[torch.Tensor] = None
         if config.balancing == "aux_free":
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32, device=device))
 
@@ -206,12 +210,30 @@ class _MoEState:
             entropy = -(probs * probs.clamp_min(_ELEMENTWISE_TINY).log()).sum(-1)
             self.router_entropy = entropy.mean() if entropy.numel() else entropy.new_zeros(())
             if self.training and config.balancing == "aux_free":
-                load = self._global_load(counts)
-                self.expert_bias.add_(config.bias_update_rate * torch.sign(load.mean() - load))
+                if self.__dict__.get("defer_bias_update", False):
+                    pending = self.__dict__.get("pending_load")
+                    self.pending_load = counts if pending is None else pending + counts
+                else:
+                    self._step_bias(counts)
         if self.training and config.balancing == "aux_loss" and config.aux_loss_weight > 0:
             self.aux_loss = load_balancing_loss(counts, scores, config.top_k, config.aux_loss_weight)
         else:
             self.aux_loss = None
+
+    def _step_bias(self, counts: torch.Tensor) -> None:
+        load = self._global_load(counts)
+        self.expert_bias.add_(self.config.bias_update_rate * torch.sign(load.mean() - load))
+
+    def apply_deferred_bias_update(self) -> bool:
+        """Step the aux-free bias once from the loads accumulated since the last call (see
+        :func:`defer_bias_updates`); ``False`` when no training forward ran."""
+        pending = self.__dict__.get("pending_load")
+        self.pending_load = None
+        if pending is None:
+            return False
+        with torch.no_grad():
+            self._step_bias(pending)
+        return True
 
     def _global_load(self, counts: torch.Tensor) -> torch.Tensor:
         """``counts`` (int64) summed over the balancing group, as float32; ``counts`` itself stays local.
@@ -615,6 +637,26 @@ def set_balance_group(module: nn.Module, group: Any) -> int:
         layer.balance_group = group
         layers += 1
     return layers
+
+
+def defer_bias_updates(module: nn.Module, defer: bool = True) -> int:
+    """With ``defer``, the ``aux_free`` MoE layers in ``module`` sum the expert loads of their training forwards
+    instead of stepping the bias after each; :func:`apply_bias_updates` then takes one step from the summed load. A
+    pipeline runs one forward per microbatch: stepping once per batch from the whole batch's load is what one process
+    does with one forward per batch. ``defer=False`` restores the step after every forward (pending loads dropped).
+    Returns how many layers were set."""
+    layers = 0
+    for layer in iter_moe_layers(module):
+        layer.defer_bias_update = defer
+        layer.pending_load = None
+        layers += 1
+    return layers
+
+
+def apply_bias_updates(module: nn.Module) -> int:
+    """Apply the deferred ``aux_free`` bias step of every MoE layer in ``module`` that ran a training forward since
+    the last call (one all-reduce of the summed loads per layer over its balancing group); returns how many stepped."""
+    return sum(layer.apply_deferred_bias_update() for layer in iter_moe_layers(module))
 
 
 def strip_expert_bias(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from block_styles import VOCAB  # noqa: E402
 from lit_models import LitLM, token_loader, trainer  # noqa: E402
 
 from lightning_mhc import MHCCallback, MHCPipelineStrategy  # noqa: E402
+from lightning_mhc.models import MoETransformerLM  # noqa: E402
 
 STEPS = 3
 
@@ -60,6 +61,38 @@ class PipeLitLM(LitLM):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)  # momentum: optimizer state to resume
+
+
+class PipeMoELM(MoETransformerLM):
+    """The bundled MoE LM (a dense block, then MoE blocks of 4 experts, top-2, a shared expert), small, on the test
+    token batches ``(tokens,)``, trained with SGD like :class:`PipeLitLM`."""
+
+    def __init__(self, depth: int = 4, balancing: str = "none") -> None:
+        super().__init__(
+            vocab_size=VOCAB,
+            d_model=32,
+            n_layers=depth,
+            n_heads=4,
+            seq_len=16,
+            dense_ffn_size=64,
+            num_experts=4,
+            top_k=2,
+            expert_ffn_size=32,
+            shared_expert_size=32,
+            balancing=balancing,
+            bias_update_rate=1e-2,
+            moe_backend="torch",
+        )
+
+    def pipeline_batch(self, batch):
+        (tokens,) = batch
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(self.pipeline_batch(batch), batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
 
 
 class Record(L.Callback):
@@ -129,9 +162,10 @@ def fit(
     distributed_sampler: bool = False,
     fail: tuple[int, bool] | None = None,
     mhc: dict | None = None,
+    moe: str | None = None,
 ) -> L.LightningModule:
     torch.manual_seed(0)
-    model = PipeLitLM(depth=depth)
+    model = PipeLitLM(depth=depth) if moe is None else PipeMoELM(depth=depth, balancing=moe)
     hc = MHCCallback(streams=4, mode=mode, gate_init=0.3, log_every_n_steps=1, **(mhc or {}))
     callbacks = [hc, Record(out, initial, tag)]
     callbacks += [PlantedFailure(*fail)] if fail else []
@@ -228,6 +262,15 @@ def test_pipeline_trains_like_one_process(tmp_path, schedule, microbatches):
     _assert_equal_training(tmp_path)
 
 
+def run_torchrun(tmp_path: Path, processes: int, runs: dict) -> None:
+    """Several pipeline trainings (``runs``, see ``pipeline_torchrun.py``) in one process group under torchrun."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command += [str(Path(__file__).parent / "pipeline_torchrun.py"), str(tmp_path), json.dumps(runs)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
 # Four processes under torchrun, one process group for all runs (the test model with 8 blocks, batches of 8): every
 # schedule as a 4-rank pipeline, and two data-parallel replicas of a 2-rank pipeline (batches of 4 per replica).
 FOUR_PROCESS_RUNS = {
@@ -251,14 +294,53 @@ def test_four_processes_under_torchrun_train_like_one_process(tmp_path):
         tag: {"strategy": options, "fit": {"depth": 8, "samples": 24, "batch_size": 8, **fit}}
         for tag, (options, fit) in FOUR_PROCESS_RUNS.items()
     }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
-    command += [str(Path(__file__).parent / "pipeline_torchrun.py"), str(tmp_path), json.dumps(runs)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_torchrun(tmp_path, 4, runs)
     expected = reference(tmp_path, depth=8, samples=24, batch_size=8, distributed_sampler=True)
     for tag, (options, _) in FOUR_PROCESS_RUNS.items():
         _assert_equal_training(tmp_path, 4, tag, pp=options.get("pipeline_parallel_size"), expected=expected)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("balancing", ["none", "aux_free"])
+def test_moe_model_trains_like_one_process(tmp_path, balancing):
+    """The bundled MoE LM under 1F1B and DualPipeV (2 processes, one process group for both): losses, first-step
+    gradients and final weights (the aux-free routing bias included) equal one process."""
+    schedules = {
+        "1F1B": {"schedule": "1F1B", "microbatches": 2},
+        "DualPipeV": {"schedule": "DualPipeV", "microbatches": 4},
+    }
+    run_torchrun(
+        tmp_path, 2, {tag: {"strategy": options, "fit": {"moe": balancing}} for tag, options in schedules.items()}
+    )
+    expected = reference(tmp_path, moe=balancing, distributed_sampler=True)
+    for tag in schedules:
+        _assert_equal_training(tmp_path, 2, tag, expected=expected)
+
+
+def test_deferred_aux_free_bias_steps_once_from_the_summed_loads():
+    """What the pipeline does with its microbatches: the loads of several forwards summed, one bias step, equal to
+    one forward of the whole batch."""
+    from lightning_mhc.moe import MoEConfig, apply_bias_updates, build_moe, defer_bias_updates
+
+    torch.manual_seed(0)
+    config = MoEConfig(
+        hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2, balancing="aux_free", bias_update_rate=0.1
+    )
+    whole, split = build_moe(config, backend="torch"), build_moe(config, backend="torch")
+    split.load_state_dict(whole.state_dict())
+    x = torch.randn(12, 8)
+    whole(x)
+    assert defer_bias_updates(split) == 1
+    for part in x.chunk(3):
+        split(part)
+    assert torch.equal(split.expert_bias, torch.zeros(4))
+    assert apply_bias_updates(split) == 1 and apply_bias_updates(split) == 0
+    assert not torch.equal(whole.expert_bias, torch.zeros(4))
+    torch.testing.assert_close(split.expert_bias, whole.expert_bias, rtol=0, atol=0)
+    defer_bias_updates(split, False)  # back to a step after every forward
+    whole(x), split(x)
+    torch.testing.assert_close(split.expert_bias, whole.expert_bias, rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from torch.distributed.pipelining import schedules as _schedules
 from lightning_mhc.capture import StreamCapture
 from lightning_mhc.metrics import StreamDiversity
 from lightning_mhc.mhc_block import MHCBlock
-from lightning_mhc.moe import set_balance_group
+from lightning_mhc.moe import apply_bias_updates, defer_bias_updates, set_balance_group
 from lightning_mhc.strategies.stages import (
     StageModule,
     check_protocol,
@@ -96,7 +96,8 @@ class MHCPipelineStrategy(DDPStrategy):
     weights of all stages are gathered. Automatic optimization, LR schedulers, gradient accumulation and gradient
     clipping (by the global norm over all stages) work as usual. Checkpoints hold the full, consolidated weights (a
     checkpoint loads into a single process with :func:`lightning_mhc.load_from_checkpoint`) and each stage's
-    optimizer state.
+    optimizer state. MoE layers with ``balancing="aux_free"`` step their routing bias once per batch, from the loads
+    of all its microbatches (summed over the replicas), as one process does.
 
     Args:
         schedule: ``"GPipe"``, ``"1F1B"``, ``"Interleaved1F1B"``, ``"LoopedBFS"``, ``"InterleavedZeroBubble"``,
@@ -227,6 +228,9 @@ class MHCPipelineStrategy(DDPStrategy):
         # MoE layers would sum their expert loads over all processes, which run different stages: a stage sees its
         # replica's whole batch, so the load is its own counts summed over the replicas
         set_balance_group(module, self._dp_group if self.dp_size > 1 else None)
+        # ... and step the aux-free bias once per batch, from the loads of all its microbatches (as one process does
+        # with one forward of the whole batch), not after every microbatch
+        defer_bias_updates(module, True)
         self._build_stages(module)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -323,6 +327,8 @@ class MHCPipelineStrategy(DDPStrategy):
                 target=targets if has_last else None,
                 losses=losses if has_last else None,
             )
+        for s in self.local_stages:
+            apply_bias_updates(self.stage_modules[s].blocks)
         self._pending_grads = [(p, p.grad) for p in params]
         for p, grad in zip(params, earlier):
             p.grad = grad
@@ -481,6 +487,8 @@ class MHCPipelineStrategy(DDPStrategy):
     def teardown(self) -> None:
         if self.lightning_module is not None and dist.is_initialized() and self._schedule is not None:
             self.sync_full_model()  # after fit every rank holds the trained model
+        if self.lightning_module is not None:
+            defer_bias_updates(self.lightning_module, False)  # the module trains as before outside the pipeline
         self._schedule = None
         super().teardown()
 

@@ -184,6 +184,10 @@ class StageModule(nn.Module):
         local = self._capture_locally(capture)
         # ... nor may it move state (the aux-free MoE bias steps on every training forward)
         buffers = None if self._shapes_known else [(b, b.detach().clone()) for b in self.buffers()]
+        # (nor count towards the aux-free loads deferred to the end of the step)
+        pending = (
+            None if self._shapes_known else [(m, m.__dict__.get("pending_load")) for m in iter_moe_layers(self.blocks)]
+        )
         try:
             for block in self.blocks:
                 x = block(x)
@@ -192,6 +196,8 @@ class StageModule(nn.Module):
                 self._restore_capture(capture, local, keep=self._shapes_known)
             for b, saved in buffers or ():
                 b.detach().copy_(saved)
+            for m, load in pending or ():
+                m.pending_load = load
         self._shapes_known = True
         if self.has_moe and self.training and torch.is_grad_enabled():
             aux = moe_aux_loss(self.blocks)
