@@ -26,9 +26,10 @@ top-k, and the top-k probabilities are used as gate weights *without* renormalis
 ``moe_normalize_expert_weights=None``); ``normalize_expert_weights=True`` divides them by their sum (MegaBlocks with
 ``moe_normalize_expert_weights=1``, DeepSeek-V3 style). The state of a forward is per call: a module called several
 times per step keeps only the last call's ``aux_loss``, and the ``aux_free`` bias is updated after every training
-forward (each micro-batch under gradient accumulation; twice if activation checkpointing re-runs the forward), unless
-:func:`defer_bias_updates` makes the layers sum their loads until :func:`apply_bias_updates` (a pipeline's
-microbatches: one step per batch, as one process takes).
+forward (each micro-batch under gradient accumulation), unless :func:`defer_bias_updates` makes the layers sum their
+loads until :func:`apply_bias_updates` (once per optimizer step: the bundled LMs and the pipeline strategy do so).
+Under activation checkpointing defer them: a re-run forward would otherwise route with the stepped bias, send tokens
+to other experts than the original forward did, and silently give wrong gradients.
 Under ``torch.distributed`` every rank of the balancing group must therefore run the same number of training
 forwards of each layer (as DDP/FSDP already require); a pipeline stage holding different layers must not join a
 collective over all ranks: give it a data-parallel group, or ``None``, with :func:`set_balance_group`.

@@ -195,3 +195,26 @@ def test_moe_3b_config_instantiates_on_meta_with_the_papers_size():
     mla = d * heads * (128 + 64) + d * (512 + 64) + 512 + 512 * heads * (128 + 128) + heads * 128 * d
     mla_total, mla_active = moe_lm_params(vocab=129280, attention=mla, **shape)
     assert abs(mla_total / paper_total - 1) < 0.005 and abs(mla_active / paper_active - 1) < 0.005
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_aux_free_moe_under_activation_checkpointing_trains_like_without(accumulate):
+    """A block re-run by activation checkpointing must route as its original forward did: the aux-free bias steps
+    once per optimizer step, so checkpointed training equals plain training (with a bias step large enough to
+    reroute tokens, a bias stepped after each forward gave 20-50% wrong gradients)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    weights = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = MoETransformerLM(**SMALL_MOE, balancing="aux_free", bias_update_rate=0.5, warmup_steps=1)
+        if checkpointed:
+            blocks = set(model.layers)
+            apply_activation_checkpointing(model, check_fn=blocks.__contains__)
+        quiet_trainer(max_steps=3, accumulate_grad_batches=accumulate).fit(model, byte_data(seq_len=32, steps=8))
+        weights.append({k.replace("_checkpoint_wrapped_module.", ""): v for k, v in model.state_dict().items()})
+    plain, checkpointed = weights
+    assert plain.keys() == checkpointed.keys()
+    assert any("expert_bias" in k and v.abs().sum() > 0 for k, v in plain.items())
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, rtol=0, atol=1e-6, msg=name)
