@@ -11,7 +11,8 @@ from torch import Tensor
 from lightning_mhc.metrics import StreamDiversity
 
 
-def _in_backward() -> bool:
+def in_backward() -> bool:
+    """Whether this runs inside a backward pass (a forward re-run by activation checkpointing or recomputation)."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -24,18 +25,18 @@ class StreamCapture:
         self.diversity: StreamDiversity | None = None
 
     def begin_forward(self) -> None:
-        if not _in_backward():
+        if not in_backward():
             self.forwards.append([])
 
     def add_h_res(self, h_res: Tensor) -> None:
-        if _in_backward():
+        if in_backward():
             return
         if not self.forwards:
             self.begin_forward()
         self.forwards[-1].append(h_res.detach())
 
     def add_final_streams(self, streams: Tensor) -> None:
-        if _in_backward():
+        if in_backward():
             return
         if self.diversity is None:
             self.diversity = StreamDiversity().to(streams.device)

@@ -27,9 +27,8 @@ top-k, and the top-k probabilities are used as gate weights *without* renormalis
 ``moe_normalize_expert_weights=1``, DeepSeek-V3 style). The state of a forward is per call: a module called several
 times per step keeps only the last call's ``aux_loss``, and the ``aux_free`` bias is updated after every training
 forward (each micro-batch under gradient accumulation), unless :func:`defer_bias_updates` makes the layers sum their
-loads until :func:`apply_bias_updates` (once per optimizer step: the bundled LMs and the pipeline strategy do so).
-Under activation checkpointing defer them: a re-run forward would otherwise route with the stepped bias, send tokens
-to other experts than the original forward did, and silently give wrong gradients.
+loads until :func:`apply_bias_updates` (a pipeline's microbatches: one step per batch, as one process takes). A forward
+re-run by activation checkpointing routes with the bias of its original forward and records nothing.
 Under ``torch.distributed`` every rank of the balancing group must therefore run the same number of training
 forwards of each layer (as DDP/FSDP already require); a pipeline stage holding different layers must not join a
 collective over all ranks: give it a data-parallel group, or ``None``, with :func:`set_balance_group`.
@@ -47,6 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_mhc.capture import in_backward
 from lightning_mhc.config import check_bool, check_choice, check_float, check_int, short_repr
 
 MLP_TYPES = ("mlp", "glu")
@@ -193,7 +193,7 @@ class _MoEState:
         """Top-k experts per token and their gate weights; the aux-free bias moves the choice, never the weights."""
         k = self.config.top_k
         if self.config.balancing == "aux_free":
-            experts = torch.topk(scores.detach().float() + self.expert_bias, k, dim=-1).indices
+            experts = torch.topk(scores.detach().float() + self._routing_bias(), k, dim=-1).indices
             weights = scores.gather(-1, experts)
         else:
             weights, experts = torch.topk(scores, k, dim=-1)
@@ -201,8 +201,21 @@ class _MoEState:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, experts
 
+    def _routing_bias(self) -> torch.Tensor:
+        """The aux-free bias to route with. A forward re-run in backward (activation checkpointing) routes with the
+        bias its original forward used: that forward has stepped the bias since, and routing with the stepped one
+        would send tokens to other experts and give wrong gradients."""
+        if in_backward():
+            return self.__dict__.get("routed_bias", self.expert_bias)
+        if self.training:
+            self.routed_bias = self.expert_bias.clone()
+        return self.expert_bias
+
     def _record(self, scores: torch.Tensor, tokens_per_expert: torch.Tensor) -> None:
-        """Store load, router entropy and aux loss of this forward; step the aux-free bias in training."""
+        """Store load, router entropy and aux loss of this forward; step the aux-free bias in training. A forward
+        re-run in backward records nothing: its original forward did."""
+        if in_backward():
+            return
         config = self.config
         with torch.no_grad():
             counts = tokens_per_expert.detach().to(torch.long)

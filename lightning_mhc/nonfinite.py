@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_mhc.capture import StreamCapture, _in_backward
+from lightning_mhc.capture import StreamCapture, in_backward
 
 ON_NONFINITE = ("raise", "skip", "warn")
 
@@ -48,13 +48,13 @@ class FiniteWatch:
         self._layer = 0
 
     def begin_forward(self) -> None:
-        if not _in_backward():
+        if not in_backward():
             self._layer = 0
         if self.inner is not None:
             self.inner.begin_forward()
 
     def add_h_res(self, h_res: Tensor) -> None:
-        if not _in_backward():
+        if not in_backward():
             total = h_res.detach().sum(dtype=torch.float32)
             if self._layer < len(self.layer_sums):
                 self.layer_sums[self._layer] = self.layer_sums[self._layer] + total

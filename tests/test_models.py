@@ -199,9 +199,9 @@ def test_moe_3b_config_instantiates_on_meta_with_the_papers_size():
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_aux_free_moe_under_activation_checkpointing_trains_like_without(accumulate):
-    """A block re-run by activation checkpointing must route as its original forward did: the aux-free bias steps
-    once per optimizer step, so checkpointed training equals plain training (with a bias step large enough to
-    reroute tokens, a bias stepped after each forward gave 20-50% wrong gradients)."""
+    """A block re-run by activation checkpointing must route as its original forward did, with the aux-free bias
+    from before that forward's step, so checkpointed training equals plain training (with a bias step large enough
+    to reroute tokens, routing with the stepped bias gave 20-50% wrong gradients)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
     weights = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -481,3 +482,22 @@ def test_megablocks_matches_torch_backend_on_gpu(mlp_type, balancing):
     ref_params = dict(ref.named_parameters())
     for name, param in mb.named_parameters():
         assert _relative_error(param.grad, ref_params[name].grad) < 3e-2, name
+
+
+def test_aux_free_layer_rerun_by_checkpointing_routes_like_its_forward():
+    """A forward re-run in backward routes with the bias its original forward used (which has stepped since) and
+    records nothing: gradients equal the plain layer's, and the bias stepped once."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=2, balancing="aux_free", bias_update_rate=0.5
+    )
+    plain = build_moe(cfg, backend="torch").train()
+    checkpointed = copy.deepcopy(plain)
+    x = torch.randn(2, 32, 16)
+    plain(x).square().sum().backward()
+    checkpoint(checkpointed, x, use_reentrant=False).square().sum().backward()
+    torch.testing.assert_close(checkpointed.expert_bias, plain.expert_bias, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(checkpointed.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-7, msg=name)

@@ -18,14 +18,7 @@ from torch import Tensor, nn
 
 from lightning_mhc.config import check_bool, check_choice, check_float, check_int
 from lightning_mhc.metrics import ExpertLoad
-from lightning_mhc.moe import (
-    MLP_TYPES,
-    activation_fn,
-    apply_bias_updates,
-    defer_bias_updates,
-    iter_moe_layers,
-    moe_aux_loss,
-)
+from lightning_mhc.moe import MLP_TYPES, activation_fn, iter_moe_layers, moe_aux_loss
 
 NORM_EPS = 1e-6
 
@@ -242,15 +235,6 @@ class TransformerLM(L.LightningModule):
     def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy in nats, computed in float32 whatever the logits' dtype."""
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-    def on_train_start(self) -> None:
-        """Aux-free routing biases step once per optimizer step, from the loads of all its forwards: a forward re-run
-        by activation checkpointing then routes with the bias of the original forward (a stepped bias would route
-        tokens elsewhere and give wrong gradients), and accumulated micro-batches step once, as one batch does."""
-        defer_bias_updates(self)
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        apply_bias_updates(self)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Cross-entropy plus the MoE balancing loss; logs ``train_loss`` and (in training) the ``moe/...`` metrics."""

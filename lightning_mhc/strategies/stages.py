@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_mhc.capture import StreamCapture
+from lightning_mhc.capture import StreamCapture, in_backward
 from lightning_mhc.carry import carried_streams, hidden_carrying
 from lightning_mhc.hyper_connection import HyperConnection
 from lightning_mhc.mhc_block import MHCBlock
@@ -214,7 +214,7 @@ class StageModule(nn.Module):
     def _capture_locally(self, capture: Optional[StreamCapture]) -> Optional[StreamCapture]:
         """While the stability metrics capture, this stage's blocks record into a capture of their own per forward
         (one per microbatch), composed across stages after the step."""
-        if capture is None or torch._C._current_graph_task_id() != -1:
+        if capture is None or in_backward():
             return None
         local = StreamCapture()
         local.begin_forward()
