@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -99,15 +98,15 @@ class Record(L.Callback):
     """Loads the initial weights (when given) at the start; records the losses, the first step's gradients and the
     stability metrics."""
 
-    def __init__(self, out: Path, initial: Path | None = None, tag: str = "") -> None:
-        self.out, self.initial, self.tag = out, initial, tag
+    def __init__(self, out: Path, initial: Path | None = None, tag: str = "", moe: bool = False) -> None:
+        self.out, self.initial, self.tag, self.moe = out, initial, tag, moe
         self.losses, self.grads = [], None
 
     def on_train_start(self, trainer, pl_module):
         if self.initial is not None:
             pl_module.load_state_dict(torch.load(self.initial))
         elif trainer.global_rank == 0 and trainer.global_step == 0:
-            torch.save(pl_module.state_dict(), self.out / "initial.pt")
+            torch.save(pl_module.state_dict(), self.out / initial_weights(self.moe))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.grads is None:
@@ -122,9 +121,21 @@ class Record(L.Callback):
         torch.save(record, self.out / f"record{self.tag}{trainer.global_rank}.pt")
 
 
+def initial_weights(moe: bool) -> str:
+    """The file of a run's initial weights (every run of one model kind starts from the same, seed 0)."""
+    return "initial-moe.pt" if moe else "initial.pt"
+
+
+def _called_from(function: str) -> bool:
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != function:
+        frame = frame.f_back
+    return frame is not None
+
+
 class PlantedFailure(L.Callback):
-    """From the second step on, this rank's stages raise in their forward (with ``overlapped``: only while an
-    overlapped backward runs in the second thread)."""
+    """From the second step on, this rank's stages raise in their forward (with ``overlapped``: only inside one of
+    DualPipeV's overlapped forward/backward pairs, while the backward's gradient may still be in flight)."""
 
     def __init__(self, rank: int, overlapped: bool) -> None:
         self.rank, self.overlapped = rank, overlapped
@@ -138,7 +149,7 @@ class PlantedFailure(L.Callback):
 
     def _failing(self, forward):
         def failing(*args):
-            if not self.overlapped or any(t.name == "mhc-pipeline-backward" for t in threading.enumerate()):
+            if not self.overlapped or _called_from("overlap_forward_backward"):
                 raise RuntimeError("planted failure")
             return forward(*args)
 
@@ -163,11 +174,12 @@ def fit(
     fail: tuple[int, bool] | None = None,
     mhc: dict | None = None,
     moe: str | None = None,
+    accumulate: int = 1,
 ) -> L.LightningModule:
     torch.manual_seed(0)
     model = PipeLitLM(depth=depth) if moe is None else PipeMoELM(depth=depth, balancing=moe)
     hc = MHCCallback(streams=4, mode=mode, gate_init=0.3, log_every_n_steps=1, **(mhc or {}))
-    callbacks = [hc, Record(out, initial, tag)]
+    callbacks = [hc, Record(out, initial, tag, moe=moe is not None)]
     callbacks += [PlantedFailure(*fail)] if fail else []
     run = trainer(
         max_steps=max_steps,
@@ -176,6 +188,7 @@ def fit(
         callbacks=callbacks,
         use_distributed_sampler=distributed_sampler,
         gradient_clip_val=clip,
+        accumulate_grad_batches=accumulate,
     )
     loader = token_loader(samples=samples, batch_size=batch_size)
     if distributed_sampler and devices == 1:  # the order Lightning's distributed sampler gives a pipeline (epoch 0)
@@ -217,12 +230,12 @@ def run_pipeline(
     return result
 
 
-def reference(tmp_path: Path, **kwargs) -> tuple[dict, dict]:
+def reference(tmp_path: Path, name: str = "reference", **kwargs) -> tuple[dict, dict]:
     """The same training in this process, from the pipeline run's initial weights."""
-    ref = tmp_path / "reference"
+    ref = tmp_path / name
     ref.mkdir()
     torch.set_num_threads(1)
-    model = fit(ref, "auto", 1, initial=tmp_path / "initial.pt", **kwargs)
+    model = fit(ref, "auto", 1, initial=tmp_path / initial_weights(kwargs.get("moe") is not None), **kwargs)
     return torch.load(ref / "record0.pt"), model.state_dict()
 
 
@@ -272,7 +285,8 @@ def run_torchrun(tmp_path: Path, processes: int, runs: dict) -> None:
 
 
 # Four processes under torchrun, one process group for all runs (the test model with 8 blocks, batches of 8): every
-# schedule as a 4-rank pipeline, and two data-parallel replicas of a 2-rank pipeline (batches of 4 per replica).
+# schedule as a 4-rank pipeline, and two data-parallel replicas of a 2-rank pipeline (batches of 4 per replica), the
+# test model and the bundled MoE LM (aux-free balancing: the bias steps from the loads summed over the replicas).
 FOUR_PROCESS_RUNS = {
     "1F1B": ({"schedule": "1F1B", "microbatches": 4}, {}),
     "GPipe": ({"schedule": "GPipe", "microbatches": 4}, {}),
@@ -281,6 +295,10 @@ FOUR_PROCESS_RUNS = {
     "DualPipeV": ({"schedule": "DualPipeV", "microbatches": 8}, {}),
     "dp2-1F1B": ({"schedule": "1F1B", "microbatches": 2, "pipeline_parallel_size": 2}, {"batch_size": 4}),
     "dp2-DualPipeV": ({"schedule": "DualPipeV", "microbatches": 4, "pipeline_parallel_size": 2}, {"batch_size": 4}),
+    "dp2-moe-DualPipeV": (
+        {"schedule": "DualPipeV", "microbatches": 4, "pipeline_parallel_size": 2},
+        {"batch_size": 4, "moe": "aux_free"},
+    ),
 }
 
 
@@ -288,34 +306,70 @@ FOUR_PROCESS_RUNS = {
 @pytest.mark.multiprocess
 def test_four_processes_under_torchrun_train_like_one_process(tmp_path):
     """``torchrun --nproc_per_node 4``: each schedule over 4 pipeline ranks, and data parallel x pipeline (2 x 2,
-    gradients averaged over the replicas, a distributed sampler over the replicas only): losses, first-step
-    gradients and final weights equal one process training on the full batches."""
-    runs = {
-        tag: {"strategy": options, "fit": {"depth": 8, "samples": 24, "batch_size": 8, **fit}}
-        for tag, (options, fit) in FOUR_PROCESS_RUNS.items()
-    }
+    gradients averaged over the replicas, a distributed sampler over the replicas only, the MoE LM's aux-free bias
+    stepped from the loads of both replicas): losses, first-step gradients and final weights equal one process
+    training on the full batches."""
+    shared = {"depth": 8, "samples": 24, "batch_size": 8}
+    runs = {tag: {"strategy": options, "fit": {**shared, **fit}} for tag, (options, fit) in FOUR_PROCESS_RUNS.items()}
     run_torchrun(tmp_path, 4, runs)
-    expected = reference(tmp_path, depth=8, samples=24, batch_size=8, distributed_sampler=True)
-    for tag, (options, _) in FOUR_PROCESS_RUNS.items():
-        _assert_equal_training(tmp_path, 4, tag, pp=options.get("pipeline_parallel_size"), expected=expected)
+    expected = {
+        moe: reference(tmp_path, f"reference-{moe}", moe=moe, distributed_sampler=True, **shared)
+        for moe in {fit.get("moe") for _, fit in FOUR_PROCESS_RUNS.values()}
+    }
+    for tag, (options, fit) in FOUR_PROCESS_RUNS.items():
+        pp = options.get("pipeline_parallel_size")
+        _assert_equal_training(tmp_path, 4, tag, pp=pp, expected=expected[fit.get("moe")])
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("balancing", ["none", "aux_free"])
 def test_moe_model_trains_like_one_process(tmp_path, balancing):
-    """The bundled MoE LM under 1F1B and DualPipeV (2 processes, one process group for both): losses, first-step
-    gradients and final weights (the aux-free routing bias included) equal one process."""
+    """The bundled MoE LM under 1F1B and DualPipeV, and DualPipeV with recomputation (2 processes, one process group
+    for all): losses, first-step gradients and final weights (the aux-free routing bias included) equal one process
+    without recomputation (a block re-run in backward routes as its forward did and records no load)."""
+    recompute = {"recompute": True, "recompute_layers": 3}
+    runs = {
+        "1F1B": ({"schedule": "1F1B", "microbatches": 2}, {}),
+        "DualPipeV": ({"schedule": "DualPipeV", "microbatches": 4}, {}),
+        "DualPipeV-recompute": ({"schedule": "DualPipeV", "microbatches": 4}, {"mhc": recompute}),
+    }
+    run_torchrun(
+        tmp_path,
+        2,
+        {tag: {"strategy": options, "fit": {"moe": balancing, **fit}} for tag, (options, fit) in runs.items()},
+    )
+    expected = reference(tmp_path, moe=balancing, distributed_sampler=True)
+    for tag in runs:
+        _assert_equal_training(tmp_path, 2, tag, expected=expected)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_moe_balancing_loss_is_per_microbatch_as_under_gradient_accumulation(tmp_path):
+    """``balancing="aux_loss"``: each microbatch's forward adds its own balancing loss (its expert loads times its
+    router scores), as MegaBlocks under Megatron's pipeline and one process under gradient accumulation do; a
+    whole-batch loss cannot be formed, since 1F1B runs a microbatch's backward before later microbatches' forwards.
+    So the pipeline trains exactly as one process accumulating gradients over the same microbatches (and not as one
+    process on the whole batch: the check below shows the two differ, so the comparison can fail)."""
     schedules = {
         "1F1B": {"schedule": "1F1B", "microbatches": 2},
         "DualPipeV": {"schedule": "DualPipeV", "microbatches": 4},
     }
     run_torchrun(
-        tmp_path, 2, {tag: {"strategy": options, "fit": {"moe": balancing}} for tag, options in schedules.items()}
+        tmp_path, 2, {tag: {"strategy": options, "fit": {"moe": "aux_loss"}} for tag, options in schedules.items()}
     )
-    expected = reference(tmp_path, moe=balancing, distributed_sampler=True)
-    for tag in schedules:
-        _assert_equal_training(tmp_path, 2, tag, expected=expected)
+    whole, _ = reference(tmp_path, "reference-whole", moe="aux_loss", distributed_sampler=True)
+    for tag, options in schedules.items():
+        m = options["microbatches"]
+        record, final = reference(
+            tmp_path, f"reference-{tag}", moe="aux_loss", distributed_sampler=True, batch_size=4 // m, accumulate=m
+        )
+        router = [name for name in record["grads"] if "router" in name]
+        # the whole batch's balancing loss gives other router gradients, beyond the tolerance compared with below
+        assert router and all((record["grads"][n] - whole["grads"][n]).abs().max() > 4e-5 for n in router)
+        per_batch = torch.tensor(record["losses"]).view(-1, m).mean(dim=1).tolist()  # logged: the batch's mean
+        _assert_equal_training(tmp_path, 2, tag, expected=({**record, "losses": per_batch}, final))
 
 
 def test_deferred_aux_free_bias_steps_once_from_the_summed_loads():

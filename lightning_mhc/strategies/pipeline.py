@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage
@@ -28,6 +29,7 @@ from lightning_mhc.capture import StreamCapture
 from lightning_mhc.metrics import StreamDiversity
 from lightning_mhc.mhc_block import MHCBlock
 from lightning_mhc.moe import apply_bias_updates, defer_bias_updates, set_balance_group
+from lightning_mhc.strategies.overlap import register_overlap
 from lightning_mhc.strategies.stages import (
     StageModule,
     check_protocol,
@@ -112,8 +114,9 @@ class MHCPipelineStrategy(DDPStrategy):
         comm_dtype: dtype of the stream state between stages (``"bf16"``, ``"fp16"``, ``"fp32"`` or a
             ``torch.dtype``); default: the compute dtype.
         loss_name: the name the training loss is logged under.
-        overlap: for DualPipeV, run each overlapped forward/backward pair concurrently, the backward in a second
-            thread (see ``overlap.py``); ``False`` leaves torch's sequential default.
+        overlap: for DualPipeV, run each overlapped forward/backward pair in the order its inputs arrive and send each
+            result as soon as it is computed, so transfers overlap the other half's compute (see ``overlap.py``);
+            ``False`` leaves torch's sequential default.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (process group, timeout, ...).
     """
 
@@ -299,10 +302,11 @@ class MHCPipelineStrategy(DDPStrategy):
         cls = getattr(_schedules, _SCHEDULE_CLASSES[self.schedule_name])
         kwargs = {"n_microbatches": microbatches, "loss_fn": loss_fn, "scale_grads": False}
         self._schedule = cls(stages[0], **kwargs) if self.stages_per_rank == 1 else cls(stages, **kwargs)
-        if self.schedule_name == "DualPipeV" and self.overlap:
-            from lightning_mhc.strategies.overlap import register_overlap
-
-            register_overlap(self._schedule)
+        if self.schedule_name == "DualPipeV" and self.overlap and not register_overlap(self._schedule):
+            rank_zero_warn(
+                f"DualPipeV runs its forward/backward pairs one after the other: torch {torch.__version__} lacks the "
+                "hook (or the schedule layout) the overlap function needs. Pass overlap=False to silence this."
+            )
 
     # ----------------------------------------------------------------------------------------------- training step
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:

@@ -128,14 +128,15 @@ def stage_block_counts(blocks: nn.ModuleList, stages: int, stage_split: Optional
 
 
 class _AuxLossGrad(torch.autograd.Function):
-    """Returns ``x`` unchanged; in backward also hands ``aux`` the gradient ``scale`` (the MoE balancing loss of a
-    stage that is not the last enters the backward pass here, as if it were added to the loss)."""
+    """Returns a copy of ``x``; in backward also hands ``aux`` the gradient ``scale`` (the MoE balancing loss of a
+    stage enters the backward pass here, as if it were added to the loss). A copy, not a view: the zero-bubble
+    schedules' split backward detaches the stage's intermediate tensors in place, which views do not allow."""
 
     @staticmethod
     def forward(ctx, x: Tensor, aux: Tensor, scale: float) -> Tensor:
         ctx.scale = scale
         ctx.aux_meta = (aux.shape, aux.dtype)
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
@@ -199,15 +200,14 @@ class StageModule(nn.Module):
             for m, load in pending or ():
                 m.pending_load = load
         self._shapes_known = True
-        if self.has_moe and self.training and torch.is_grad_enabled():
-            aux = moe_aux_loss(self.blocks)
-            if aux is not None:
-                x = _AuxLossGrad.apply(x, aux, self.aux_scale)
+        aux = moe_aux_loss(self.blocks) if self.has_moe and self.training and torch.is_grad_enabled() else None
         if self.head is not None:
-            return self.head(x)
+            return self.head(x if aux is None else _AuxLossGrad.apply(x, aux, self.aux_scale))
         streams = carried_streams(x, type(self.blocks[-1]).__name__)
         if streams is None:
             raise RuntimeError(f"pipeline stage {self.index}: its last block returned no stream state to send on.")
+        if aux is not None:
+            streams = _AuxLossGrad.apply(streams, aux, self.aux_scale)
         # point-to-point ops send a tensor's storage as laid out: hand them a contiguous one
         return (streams.to(self.comm_dtype) if self.comm_dtype is not None else streams).contiguous()
 
