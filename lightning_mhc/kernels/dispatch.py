@@ -78,11 +78,6 @@ def resolve_backend(kernels: str, device: torch.device | str) -> str:
     return "triton"
 
 
-def _torch_coefficients(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> Coefficients:
-    pre, post, res = reference.split_logits(reference.mhc_logits(x, phi, alpha, bias), x.shape[-2])
-    return Coefficients(torch.sigmoid(pre), 2 * torch.sigmoid(post), fast.sinkhorn(res, iters))
-
-
 def _triton_read(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> tuple[Tensor, Coefficients]:
     from lightning_mhc.kernels import ops
 
@@ -101,7 +96,7 @@ def get_ops(backend: str) -> KernelOps:
 def _load_ops(backend: str) -> KernelOps:
     if backend == "torch":
         return KernelOps(
-            reference.mhc_logits, fast.sinkhorn, reference.pre_mix, fast.merge, _torch_coefficients, fast.read
+            reference.mhc_logits, fast.sinkhorn, reference.pre_mix, fast.merge, fast.coefficients, fast.read
         )
     if backend == "triton":
         from lightning_mhc.kernels import ops

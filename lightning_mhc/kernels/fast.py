@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_mhc.kernels import reference
 from lightning_mhc.kernels.reference import RMS_EPS, SINKHORN_EPS, Coefficients, at_least_fp32
 
 
@@ -199,8 +200,17 @@ def read(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> tup
     Equals ``reference.pre_mix(x, c.h_pre)`` with ``c = reference.coefficients_from_logits(reference.mhc_logits(x,
     phi, alpha, bias), n, "mhc", iters)``, forward and backward.
     """
+    if torch.compiler.is_compiling():  # traceable steps inductor fuses, as the merge (see ``_merge_traceable``)
+        c = coefficients(x, phi, alpha, bias, iters)
+        return (c.h_pre.unsqueeze(-1) * at_least_fp32(x)).sum(-2).to(x.dtype), c
     mixed, h_pre, h_post, h_res = _Read.apply(x, phi, alpha, bias, iters)
     return mixed, Coefficients(h_pre, h_post, h_res)
+
+
+def coefficients(x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, iters: int) -> Coefficients:
+    """``reference.mhc_coefficients`` with this file's Sinkhorn."""
+    pre, post, res = reference.split_logits(reference.mhc_logits(x, phi, alpha, bias), x.shape[-2])
+    return Coefficients(torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(res, iters))
 
 
 def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
@@ -238,4 +248,14 @@ class _Merge(torch.autograd.Function):
 
 def merge(x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
     """``reference.merge``: new stream state ``H_res · x + H_post^T · F`` in the dtype of ``x``."""
+    if torch.compiler.is_compiling():
+        return _merge_traceable(x, f, h_res, h_post)
     return _Merge.apply(x, f, h_res, h_post)
+
+
+def _merge_traceable(x: Tensor, f: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
+    """The merge as products summed over the n streams, for ``torch.compile``: inductor fuses it, and the backward
+    it derives, into single passes over the stream state, where a batched matmul stays an external call. Sums in
+    at least fp32 (the coefficient gradients reduce over C)."""
+    mixed = (h_res.unsqueeze(-1) * at_least_fp32(x).unsqueeze(-3)).sum(-2)
+    return (mixed + h_post.unsqueeze(-1) * at_least_fp32(f).unsqueeze(-2)).to(x.dtype)
