@@ -99,7 +99,8 @@ class MHCPipelineStrategy(DDPStrategy):
     clipping (by the global norm over all stages) work as usual. Checkpoints hold the full, consolidated weights (a
     checkpoint loads into a single process with :func:`lightning_mhc.load_from_checkpoint`) and each stage's
     optimizer state. MoE layers with ``balancing="aux_free"`` step their routing bias once per batch, from the loads
-    of all its microbatches (summed over the replicas), as one process does.
+    of all its microbatches (summed over the replicas), as one process does; with ``balancing="aux_loss"`` each
+    microbatch adds its own balancing loss, as under gradient accumulation.
 
     Args:
         schedule: ``"GPipe"``, ``"1F1B"``, ``"Interleaved1F1B"``, ``"LoopedBFS"``, ``"InterleavedZeroBubble"``,
