@@ -567,3 +567,24 @@ def test_checkpoint_resumes_and_loads_into_one_process(tmp_path):
 
 if __name__ == "__main__":
     _main()
+
+
+def test_overlap_takes_each_pairs_own_sends_out_of_the_schedule_or_leaves_it_alone():
+    """The overlap function sends an overlapped pair's results itself, so it removes the sends torch put right after
+    the pair; where torch lays them out otherwise it declines (``None``: the schedule stays as torch built it)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining import schedules as S
+
+    from lightning_mhc.strategies.overlap import _without_pair_sends
+
+    schedule = SimpleNamespace(stage_index_to_group_rank={0: 0, 1: 1, 2: 1, 3: 0}, _num_stages=4)  # a V on 2 ranks
+    pair = S._Action(-1, S.OVERLAP_F_B, None, (S._Action(0, S.FORWARD, 3), S._Action(3, S.FULL_BACKWARD, 1)))
+    send_f, send_b = S._Action(0, S.SEND_F, 3), S._Action(3, S.SEND_B, 1)
+    later = [S._Action(3, S.FORWARD, 2), S._Action(0, S.SEND_F, 4)]
+    assert _without_pair_sends(schedule, [pair, send_f, send_b, *later], S.OVERLAP_F_B) == [pair, *later]
+    assert _without_pair_sends(schedule, [pair, send_b, send_f, *later], S.OVERLAP_F_B) is None
+    assert _without_pair_sends(schedule, [pair, later[0], send_f, send_b], S.OVERLAP_F_B) is None
+    assert _without_pair_sends(schedule, [pair, send_f], S.OVERLAP_F_B) is None
+    local = SimpleNamespace(stage_index_to_group_rank={0: 0, 1: 0, 2: 1, 3: 1}, _num_stages=4)  # neighbours local
+    assert _without_pair_sends(local, [pair, *later], S.OVERLAP_F_B) == [pair, *later]  # nothing to send
