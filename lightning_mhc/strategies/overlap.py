@@ -6,8 +6,9 @@ incoming transfer, and sends both results only after both are done. Registered w
 (torch >= 2.10's ``_PipelineScheduleRuntime``), this function instead computes the half whose input arrives first
 (the forward when both are there) while the other half's transfer is still in flight, and sends each result as soon
 as it is computed, so the forward's activation is on the wire while the backward computes. The receives are waited
-for in helper threads (which do not compute), so the two halves never share the cores; on CUDA the transfers run on
-the process group's own stream.
+for in helper threads (which do not compute), so the two halves never share the cores. With NCCL a wait only makes
+the compute stream wait for the transfer's stream, so the halves are queued forward first and the gain is the early
+sends (not run: no multi-GPU machine has been available).
 
 The two halves repeat what the schedule's own FORWARD and FULL_BACKWARD actions do (compute, hand the result to the
 neighbouring stage when it is on this rank), which ``torch.distributed.pipelining`` keeps in a local function that a
