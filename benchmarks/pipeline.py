@@ -9,8 +9,8 @@ under Lightning (``devices=2``, one thread per rank) and measures, per rank and 
   ``PipelineStage.forward_one_chunk`` / ``backward_one_chunk`` / ``backward_weight_one_chunk``, overlapping
   intervals merged), averaged over the ranks.
 * **hidden**: the fraction of stage-to-stage transfer time that does not lengthen the step,
-  ``1 - (step with link - step without) / transfer``, where ``transfer`` is the time the rank's sends occupy the
-  emulated link in one step (averaged over the ranks).
+  ``1 - (step with link - step without) / transfer`` per pair of consecutive steps (median and quartiles), where
+  ``transfer`` is the time the rank's sends occupy the emulated link in one step (averaged over the ranks).
 
 **Emulated link.** Gloo on one machine moves the stream state in microseconds, so a slower link is emulated where
 ``torch.distributed.pipelining`` issues its point-to-point ops (``schedules._batch_p2p``): each send is handed to a
@@ -294,9 +294,12 @@ def compare_losses(args: argparse.Namespace) -> None:
 
 
 def summarize(out: Path) -> dict[str, float]:
-    """Medians over the steps without and with the link, from both ranks' records."""
+    """Medians over the steps without and with the link, from both ranks' records. ``hidden`` is the median over
+    consecutive (without, with) step pairs of each pair's hidden fraction, so slow drift of the machine cancels;
+    ``hidden_lo`` / ``hidden_hi`` are the quartiles of those per-pair values."""
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     rows: dict[str, list[float]] = {k: [] for k in ("off", "on", "bubble_off", "bubble_on", "transfer", "compute")}
+    pairs: list[float] = []
     for steps in zip(*ranks):
         on = steps[0]["link"] > 0
         wall = max(s["wall"] for s in steps)
@@ -304,11 +307,15 @@ def summarize(out: Path) -> dict[str, float]:
         bubble = statistics.mean(1 - s["compute"] / s["wall"] for s in steps)
         rows["bubble_on" if on else "bubble_off"].append(bubble)
         if on:
-            rows["transfer"].append(statistics.mean(s["bytes"] * s["link"] for s in steps))
+            transfer = statistics.mean(s["bytes"] * s["link"] for s in steps)
+            rows["transfer"].append(transfer)
             rows["compute"].append(statistics.mean(s["compute"] for s in steps))
+            if len(rows["off"]) == len(rows["on"]):  # this step follows its step without the link
+                pairs.append(1 - (wall - rows["off"][-1]) / transfer)
     m = {k: statistics.median(v) for k, v in rows.items()}
     m["ratio"] = m["transfer"] / m["compute"]
-    m["hidden"] = 1 - (m["on"] - m["off"]) / m["transfer"]
+    m["hidden"] = statistics.median(pairs)
+    m["hidden_lo"], _, m["hidden_hi"] = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else (pairs[0],) * 3
     return m
 
 
@@ -342,7 +349,7 @@ def main() -> None:
         f"comm_dtype={args.comm_dtype}, {args.rounds} steps with and without the link (medians)\n"
     )
     print("| schedule | overlap | step ms (no link) | step ms (link) | bubble (no link) | bubble (link) "
-          "| transfer / compute | transfer hidden |")  # fmt: skip
+          "| transfer / compute | transfer hidden (quartiles) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for config in args.configs.split(","):
         schedule, overlap = config.removesuffix("+overlap"), config.endswith("+overlap")
@@ -351,7 +358,8 @@ def main() -> None:
             m = summarize(Path(tmp))
         print(
             f"| {schedule} | {'yes' if overlap else 'no'} | {1e3 * m['off']:.1f} | {1e3 * m['on']:.1f} "
-            f"| {m['bubble_off']:.2f} | {m['bubble_on']:.2f} | {m['ratio']:.2f} | {m['hidden']:.2f} |",
+            f"| {m['bubble_off']:.2f} | {m['bubble_on']:.2f} | {m['ratio']:.2f} "
+            f"| {m['hidden']:.2f} ({m['hidden_lo']:.2f}–{m['hidden_hi']:.2f}) |",
             flush=True,
         )
 
