@@ -27,18 +27,15 @@ from torch.distributed.pipelining import schedules as _schedules
 
 
 class _EarlySends:
-    """The sends an overlapped pair issued itself, waited for at the end of the schedule's step (as torch waits for
-    its own). ``turn`` keeps their order: the forward's result is sent before the backward's, the order in which the
-    peer posts its receives (both may go to the same peer with the same tag and shape)."""
+    """The sends the overlapped pairs issued themselves (from the schedule's thread), waited for at the end of the
+    schedule's step, as torch waits for its own."""
 
     def __init__(self) -> None:
         self.works: list[list[Any]] = []
-        self.lock = threading.Lock()
 
     def issue(self, ops: list[Any]) -> None:
         if ops:
-            with self.lock:
-                self.works.append(_schedules._batch_p2p(ops))
+            self.works.append(_schedules._batch_p2p(ops))
 
     def wait_all(self) -> None:
         works, self.works = self.works, []
