@@ -11,8 +11,11 @@ Used on CPU, on GPUs without Triton, and as what ``torch.compile`` traces. Two i
   beyond the stream itself; backward writes one stream-sized gradient (the projection's, with the RMS and
   pre-mix terms added in place). ``merge`` is one batched matmul plus an in-place ``addcmul`` each way.
 
-Under ``torch.compile`` Sinkhorn's forward and backward stay opaque (custom ops): inductor's code for the 20
-column/row normalisations over the leading dimensions was about 6x slower than these eager loops.
+Under ``torch.compile`` the steps take traceable forms instead (Sinkhorn's iterations tokens last, the merge and
+the pre-mix as sums of products over the streams): inductor fuses them with the backward it derives, which measured
+faster than the Functions and custom ops it would have to call (compiled n = 4 step 1.24x the compiled residual,
+1.39x before). The traced Sinkhorn keeps its iterates for backward (2.6 MB per layer at 1024 tokens, n = 4) where
+the eager one recomputes them. The custom ops stay for eager mode (opaque to compile where called directly).
 
 Coefficient arithmetic is fp32 (fp64 stays fp64, for gradcheck); the stream keeps its dtype and is upcast only
 where the projection needs it.
@@ -115,6 +118,14 @@ class _Sinkhorn(torch.autograd.Function):
 
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """``reference.sinkhorn``: ``(..., n, n)`` logits to an fp32 doubly stochastic matrix, recomputing backward."""
+    if torch.compiler.is_compiling():  # traced: inductor's fused loop (and the backward it derives) beat the ops
+        n = logits.shape[-1]
+        e, _ = _start(logits.reshape(-1, n, n))
+        m = e + SINKHORN_EPS
+        for _ in range(iters):
+            m = m / m.sum(0, keepdim=True)
+            m = m / m.sum(1, keepdim=True)
+        return _tokens_first(m, logits.shape[:-2])
     return _Sinkhorn.apply(logits, iters)
 
 
