@@ -15,7 +15,7 @@ Under ``torch.compile`` the steps take traceable forms instead (Sinkhorn's itera
 the pre-mix as sums of products over the streams): inductor fuses them with the backward it derives, which measured
 faster than the Functions and custom ops it would have to call (compiled n = 4 step 1.24x the compiled residual,
 1.39x before). The traced Sinkhorn keeps its iterates for backward (2.6 MB per layer at 1024 tokens, n = 4) where
-the eager one recomputes them. The custom ops stay for eager mode (opaque to compile where called directly).
+the eager one recomputes them. The custom ops are eager mode's.
 
 Coefficient arithmetic is fp32 (fp64 stays fp64, for gradcheck); the stream keeps its dtype and is upcast only
 where the projection needs it.
@@ -44,15 +44,21 @@ def _start(logits: Tensor) -> tuple[Tensor, Tensor]:
     return _tokens_last(torch.exp(lf - shift), 2), _tokens_last(share, 2)
 
 
-@torch.library.custom_op("lightning_mhc::sinkhorn_tokens_last", mutates_args=())
-def _sinkhorn_iterate(e: Tensor, iters: int) -> Tensor:
+def _iterate(e: Tensor, iters: int) -> Tensor:
     """Sinkhorn-Knopp from ``e = exp(L - max L)``, ``(n, n, tokens)``: ``M0 = e + eps``, then ``iters`` times
-    columns, then rows, exactly ``reference.sinkhorn_unrolled``'s steps (divisions and sums only)."""
+    columns, then rows, exactly ``reference.sinkhorn_unrolled``'s steps (divisions and sums only). Out of place, so
+    ``torch.compile`` can differentiate it."""
     m = e + SINKHORN_EPS
     for _ in range(iters):
-        m.div_(m.sum(0, keepdim=True))
-        m.div_(m.sum(1, keepdim=True))
+        m = m / m.sum(0, keepdim=True)
+        m = m / m.sum(1, keepdim=True)
     return m
+
+
+@torch.library.custom_op("lightning_mhc::sinkhorn_tokens_last", mutates_args=())
+def _sinkhorn_iterate(e: Tensor, iters: int) -> Tensor:
+    """:func:`_iterate` as one opaque op for eager mode (its backward is ``_sinkhorn_iterate_backward``)."""
+    return _iterate(e, iters)
 
 
 @_sinkhorn_iterate.register_fake
@@ -121,11 +127,7 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     if torch.compiler.is_compiling():  # traced: inductor's fused loop (and the backward it derives) beat the ops
         n = logits.shape[-1]
         e, _ = _start(logits.reshape(-1, n, n))
-        m = e + SINKHORN_EPS
-        for _ in range(iters):
-            m = m / m.sum(0, keepdim=True)
-            m = m / m.sum(1, keepdim=True)
-        return _tokens_first(m, logits.shape[:-2])
+        return _tokens_first(_iterate(e, iters), logits.shape[:-2])
     return _Sinkhorn.apply(logits, iters)
 
 
