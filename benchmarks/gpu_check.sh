@@ -69,6 +69,9 @@ run 80 taskset -c 0-7 $PY benchmarks/gpu_overhead.py
 section "Kernel bandwidth against the HBM roofline (n = 4, bf16)"
 run 60 taskset -c 0-7 $PY benchmarks/kernels.py --channels 1280 2560 7168 --streams 4 --tokens 16384
 
+section "Logits kernels at other tile shapes (n = 4, C = 2560, bf16; * = the shape the code picks)"
+run 45 taskset -c 0-7 $PY benchmarks/kernels.py --sweep-logits --channels 2560 --streams 4 --tokens 16384
+
 section "End-to-end step overhead, torch.compile"
 run 200 taskset -c 0-7 $PY benchmarks/gpu_overhead.py --compile --rounds 6
 

@@ -146,6 +146,48 @@ def benchmark(args: argparse.Namespace) -> None:
             torch.cuda.empty_cache()
 
 
+LOGITS_SWEEP = {  # (BLOCK_T, BLOCK_K, num_warps, num_stages) per kernel, next to the default tiles
+    True: [(64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3), (128, 32, 8, 4)],
+    False: [(32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 32, 4, 4), (128, 32, 8, 3), (16, 128, 4, 3)],
+}
+
+
+def sweep_logits(args: argparse.Namespace) -> None:
+    """Time the logits kernels at other tile shapes than ``coefficients.logits_tiles`` picks (``*`` = default)."""
+    from triton.testing import do_bench
+
+    chosen = coefficients.logits_tiles
+    print(f"logits tile sweep, {args.tokens} tokens, {args.dtype}, peak {args.peak_gbps:.0f} GB/s")
+    print(f"{'kernel':<12}{'C':>6}{'n':>3}{'T x K, warps, stages':>24}{'ms':>9}{'% peak':>8}")
+    try:
+        for c in args.channels:
+            for n in args.streams:
+                coefficients.logits_tiles = chosen
+                t = _inputs(args.tokens, n, c, DTYPES[args.dtype], "cuda")
+                cases = {name: (fn, n_bytes) for name, fn, _, n_bytes in _cases(t, n, c, 1) if "logits" in name}
+                for forward, name in ((True, "logits fwd"), (False, "logits bwd")):
+                    default = chosen(n * c, n * n + 2 * n, forward)
+                    shapes = [default] + [
+                        default._replace(block_t=bt, block_k=bk, num_warps=w, num_stages=st)
+                        for bt, bk, w, st in LOGITS_SWEEP[forward]
+                    ]
+                    for shape in dict.fromkeys(shapes):
+                        coefficients.logits_tiles = lambda *_, shape=shape, **__: shape
+                        label = f"{shape.block_t} x {shape.block_k}, {shape.num_warps}, {shape.num_stages}"
+                        try:
+                            ms = do_bench(cases[name][0])
+                        except Exception as err:  # noqa: BLE001 - e.g. out of shared memory at this shape
+                            print(f"{name:<12}{c:>6}{n:>3}{label:>24}  failed: {str(err).splitlines()[0][:60]}")
+                            continue
+                        share = 100 * cases[name][1] / ms / 1e6 / args.peak_gbps
+                        mark = " *" if shape == default else ""
+                        print(f"{name:<12}{c:>6}{n:>3}{label:>24}{ms:>9.4f}{share:>7.1f}%{mark}")
+                del t
+                torch.cuda.empty_cache()
+    finally:
+        coefficients.logits_tiles = chosen
+
+
 def check_in_interpreter() -> None:
     """Without CUDA: forward and backward of every public op against the reference on small sizes."""
     print("No CUDA device: no timings. Checking correctness in the Triton interpreter on small sizes instead.")
@@ -180,9 +222,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="storage dtype of x and F")
     parser.add_argument("--sinkhorn-iters", type=int, default=20, help="Sinkhorn iterations (paper: 20)")
     parser.add_argument("--peak-gbps", type=float, default=4800.0, help="HBM bandwidth roofline (H200: 4800)")
+    parser.add_argument("--sweep-logits", action="store_true", help="time the logits kernels at other tile shapes")
     args = parser.parse_args()
     if torch.cuda.is_available():
-        benchmark(args)
+        if args.sweep_logits:
+            sweep_logits(args)
+        else:
+            benchmark(args)
     else:
         check_in_interpreter()
 

@@ -11,8 +11,13 @@
 # nothing else is changed. Needs nvcc (CUDA_HOME), a CUDA build of torch, and a GPU or TORCH_CUDA_ARCH_LIST
 # (default here: the visible GPU's architecture, else 9.0).
 #
-# CUDA 13 ships CUB (CCCL 3) without the `debug_synchronous` argument that megablocks 0.10.0's csrc/cumsum.h passes
-# to cub::DeviceScan; the source is patched to drop it (the argument only toggled debug synchronisation).
+# Two patches to the sources, both only where needed:
+# - CUDA 13 ships CUB (CCCL 3) without the `debug_synchronous` argument that megablocks 0.10.0's csrc/cumsum.h
+#   passes to cub::DeviceScan; it is dropped (the argument only toggled debug synchronisation).
+# - torch >= 2.14's headers refuse anything older than C++20 ("#error C++20 or later compatible compiler is
+#   required"), while grouped_gemm 0.3.0 compiles with -std=c++17; it gets -std=c++20 when the headers ask for it.
+# CUDA headers that torch's pip wheels carry (site-packages/nvidia/*/include: cusparse.h, cublas_v2.h, ...) are
+# added to CPATH when the CUDA toolkit lacks them, as a compiler-only toolkit does.
 set -euo pipefail
 
 FROM="" TARGET=()
@@ -46,6 +51,20 @@ if grep -q "debug_synchronous))" "$WORK"/megablocks-0.10.0/csrc/cumsum.h; then
     exit 1
 fi
 
+TORCH_INCLUDE=$($PY -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
+tar xzf "$FROM"/grouped_gemm-0.3.0.tar.gz -C "$WORK"
+if grep -q "C++20 or later" "$TORCH_INCLUDE"/ATen/ATen.h; then
+    sed -i 's/"-std=c++17"/"-std=c++20"/' "$WORK"/grouped_gemm-0.3.0/setup.py
+    grep -q '"-std=c++20"' "$WORK"/grouped_gemm-0.3.0/setup.py || { echo "could not patch grouped_gemm setup.py" >&2; exit 1; }
+fi
+
+CUDA_INCLUDE=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}/include
+if [[ ! -e $CUDA_INCLUDE/cusparse.h ]]; then
+    for dir in "$TORCH_INCLUDE"/../../nvidia/*/include; do
+        [[ -e $dir/cusparse.h ]] && export CPATH=$dir${CPATH:+:$CPATH}
+    done
+fi
+
 $PY -m pip install --no-deps --no-build-isolation --no-cache-dir "${TARGET[@]}" \
-    "$FROM"/stanford_stk-0.7.1.tar.gz "$FROM"/grouped_gemm-0.3.0.tar.gz "$WORK"/megablocks-0.10.0
+    "$FROM"/stanford_stk-0.7.1.tar.gz "$WORK"/grouped_gemm-0.3.0 "$WORK"/megablocks-0.10.0
 echo "MegaBlocks built against torch $($PY -c 'import torch; print(torch.__version__)')"

@@ -5,7 +5,11 @@ and ``N = n*n + 2n`` small (24 at n=4). Each forward program owns ``BLOCK_T`` to
 ``BLOCK_K`` chunks: one coalesced load of the ``x`` chunk feeds both ``tl.dot`` (``N`` padded to a power of two
 >= 16, fp32 accumulation) and the running sum of squares, so ``x`` is read exactly once and the RMS division
 is applied to the ``(BLOCK_T, N)`` result after the matmul, as the paper fuses it. ``phi`` (``K*N`` fp32, about
-1.5 MB at n=4, C=4096) is re-read by every program and stays L2-resident; a larger ``BLOCK_T`` amortises it.
+1.5 MB at n=4, C=4096) is re-read by every program and stays L2-resident; a larger ``BLOCK_T`` amortises it. The
+forward reads it transposed, ``(N, K)``, copied once per call: a tf32 ``tl.dot`` takes both operands K-major from
+shared memory, and from the ``(K, N)`` parameter the copies into shared memory were 4 bytes each (16 with
+``phi^T``, sm_90 PTX). ``N`` is a compile-time constant (``n*n + 2n``, one value per n), so the ``(T, N)`` rows
+are aligned and stored in 16-byte vectors.
 A reduction formulation (broadcast-multiply and ``tl.sum``) would run on CUDA cores: at ``N`` = 24-80 flops per
 byte of ``x`` that is compute-bound on Hopper, while tensor cores keep the kernel on the bandwidth roofline.
 The dot runs in tf32 on GPU (``DOT_PRECISION``), as the paper allows for ``phi``; ``x`` in bf16 loses nothing
@@ -20,6 +24,8 @@ chunk once, writes ``dx`` and accumulates ``dphi = x^T @ Gm`` for its chunk; the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +39,7 @@ DOT_PRECISION = "tf32"
 @triton.jit
 def _logits_fwd_kernel(
     x_ptr,
-    phi_ptr,
+    phi_t_ptr,
     alpha_ptr,
     bias_ptr,
     out_ptr,
@@ -41,9 +47,9 @@ def _logits_fwd_kernel(
     r_ptr,
     n_tokens,
     K,
-    N,
     stride_xt,
     n_streams,
+    N: tl.constexpr,
     ACTIVATE: tl.constexpr,
     EPS: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -62,9 +68,9 @@ def _logits_fwd_kernel(
         k_mask = k < K
         v = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         v = v.to(tl.float32)
-        w = tl.load(phi_ptr + k[:, None] * N + j[None, :], mask=k_mask[:, None] & j_mask[None, :], other=0.0)
+        w = tl.load(phi_t_ptr + j[:, None] * K + k[None, :], mask=j_mask[:, None] & k_mask[None, :], other=0.0)
         sum_sq += tl.sum(v * v, axis=1)
-        acc = tl.dot(v, w.to(tl.float32), acc, input_precision=PRECISION)
+        acc = tl.dot(v, tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION)
     r = tl.sqrt(sum_sq / K + EPS)
     mr = acc / r[:, None]
     alpha_pre = tl.load(alpha_ptr).to(tl.float32)
@@ -91,10 +97,10 @@ def _logits_bwd_kernel(
     dphi_ptr,
     n_tokens,
     K,
-    N,
     stride_xt,
     stride_dxt,
     tokens_per_split,
+    N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -110,11 +116,20 @@ def _logits_bwd_kernel(
     dphi = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     t_start = split * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, n_tokens)
+    # x is loaded one token block ahead (it feeds a dot and an elementwise term, so Triton does not pipeline it):
+    # the next block's load is in flight while this block computes.
+    t = t_start + tl.arange(0, BLOCK_T).to(tl.int64)
+    v_next = tl.load(
+        x_ptr + t[:, None] * stride_xt + k[None, :], mask=(t < t_end)[:, None] & k_mask[None, :], other=0.0
+    )
     for t0 in range(t_start, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)  # int64 whatever type the loop variable gets
         t_mask = t < t_end
         x_mask = t_mask[:, None] & k_mask[None, :]
-        v = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        v = v_next.to(tl.float32)
+        ahead = t + BLOCK_T
+        ahead_mask = (ahead < t_end)[:, None] & k_mask[None, :]
+        v_next = tl.load(x_ptr + ahead[:, None] * stride_xt + k[None, :], mask=ahead_mask, other=0.0)
         gm = tl.load(gm_ptr + t[:, None] * N + j[None, :], mask=t_mask[:, None] & j_mask[None, :], other=0.0)
         c = tl.load(c_ptr + t, mask=t_mask, other=0.0)
         dx = tl.dot(gm, w_t, input_precision=PRECISION) + c[:, None] * v
@@ -128,21 +143,31 @@ def _gains(alpha: Tensor, n: int) -> Tensor:
     return torch.repeat_interleave(alpha.float(), sizes)
 
 
-def block_sizes(k_dim: int, n_out: int, forward: bool) -> tuple[int, int, int]:
-    """``BLOCK_T, BLOCK_K, BLOCK_N``: ``N`` padded for ``tl.dot`` (>= 16), tiles sized so that both kernels take at
-    most 128 registers per thread at 8 warps on sm_90 without spilling (two programs per SM; see
-    tests/test_register_budget.py). The forward holds the fp32 copy of ``x`` for the sum of squares besides the
-    dot's operands (<= 109 registers at n = 2..8). The backward holds a ``phi`` chunk, its transpose, the ``dphi``
-    accumulator and ``x``/``dx`` tiles: with ``BLOCK_K * BLOCK_N = 4096`` it took 124-195 registers (one program
-    per SM), with 2048 it takes <= 120. At n = 16 (``BLOCK_N = 512``) fewer tokens per program keep the ``(BLOCK_T,
-    BLOCK_N)`` accumulators small: the forward took 255 registers and spilled 468 bytes, now 104; the backward
-    164, now 128."""
+class LogitsTiles(NamedTuple):
+    """Launch shape of a logits kernel: tokens, ``K`` and (padded) ``N`` per tile, warps, pipeline stages."""
+
+    block_t: int
+    block_k: int
+    block_n: int
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def logits_tiles(k_dim: int, n_out: int, forward: bool) -> LogitsTiles:
+    """Tiles sized so that both kernels take at most 128 registers per thread at 8 warps on sm_90 without spilling
+    (two programs per SM; see tests/test_register_budget.py). ``N`` is padded for ``tl.dot`` (>= 16). The forward
+    holds the fp32 copy of ``x`` for the sum of squares besides the dot's operands (<= 80 registers at n = 2..8).
+    The backward holds a ``phi`` chunk, its transpose, the ``dphi`` accumulator, ``x``/``dx`` tiles and the next
+    token block of ``x``: with ``BLOCK_K * BLOCK_N = 4096`` it took 124-195 registers (one program per SM), with
+    2048 it takes <= 128. At n = 16 (``BLOCK_N = 512``) fewer tokens per program keep the ``(BLOCK_T, BLOCK_N)``
+    accumulators small: the forward took 255 registers and spilled 468 bytes, now 111; the backward 164, now 126.
+    ``benchmarks/kernels.py --sweep-logits`` times alternatives on a GPU."""
     block_n = max(16, triton.next_power_of_2(n_out))
     if forward:
         block_t = max(16, min(64, 8192 // block_n))  # 64 up to n = 8; fewer tokens for n = 16's 512 columns
-        return block_t, max(16, min(triton.next_power_of_2(k_dim), 2048 // max(block_n, 32))), block_n
+        return LogitsTiles(block_t, max(16, min(triton.next_power_of_2(k_dim), 2048 // max(block_n, 32))), block_n)
     block_t = max(16, min(32, 8192 // block_n))
-    return block_t, max(16, min(triton.next_power_of_2(k_dim), 2048 // block_n)), block_n
+    return LogitsTiles(block_t, max(16, min(triton.next_power_of_2(k_dim), 2048 // block_n)), block_n)
 
 
 def logits_forward(
@@ -159,10 +184,10 @@ def logits_forward(
     out = torch.empty((n_tokens, n_out), device=x.device, dtype=torch.float32)
     mr = torch.empty_like(out)
     r = torch.empty((n_tokens,), device=x.device, dtype=torch.float32)
-    block_t, block_k, block_n = block_sizes(k_dim, n_out, forward=True)
-    _logits_fwd_kernel[(triton.cdiv(n_tokens, block_t),)](
+    tiles = logits_tiles(k_dim, n_out, forward=True)
+    _logits_fwd_kernel[(triton.cdiv(n_tokens, tiles.block_t),)](
         x,
-        phi,
+        phi.t().contiguous(),
         alpha,
         bias,
         out,
@@ -170,16 +195,17 @@ def logits_forward(
         r,
         n_tokens,
         k_dim,
-        n_out,
         x.stride(0),
         n,
+        N=n_out,
         ACTIVATE=activate,
         EPS=RMS_EPS,
-        BLOCK_T=block_t,
-        BLOCK_K=block_k,
-        BLOCK_N=block_n,
+        BLOCK_T=tiles.block_t,
+        BLOCK_K=tiles.block_k,
+        BLOCK_N=tiles.block_n,
         PRECISION=DOT_PRECISION,
-        num_warps=8,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     return out, mr, r
 
@@ -210,11 +236,11 @@ def logits_backward(
     gains = _gains(alpha, n)
     gm = (g * gains / r[:, None]).contiguous()
     c = (-(g * gains * mr).sum(-1) / (k_dim * r * r)).contiguous()
-    block_t, block_k, block_n = block_sizes(k_dim, n_out, forward=False)
-    k_chunks = triton.cdiv(k_dim, block_k)
-    token_blocks = triton.cdiv(n_tokens, block_t)
+    tiles = logits_tiles(k_dim, n_out, forward=False)
+    k_chunks = triton.cdiv(k_dim, tiles.block_k)
+    token_blocks = triton.cdiv(n_tokens, tiles.block_t)
     splits = _token_splits(x, k_chunks, token_blocks)
-    tokens_per_split = max(1, triton.cdiv(token_blocks, splits)) * block_t
+    tokens_per_split = max(1, triton.cdiv(token_blocks, splits)) * tiles.block_t
     splits = triton.cdiv(n_tokens, tokens_per_split)
     if dx is None:
         dx = torch.empty((n_tokens, k_dim), device=x.device, dtype=x.dtype)
@@ -230,15 +256,16 @@ def logits_backward(
         dphi,
         n_tokens,
         k_dim,
-        n_out,
         x.stride(0),
         dx.stride(0),
         tokens_per_split,
-        BLOCK_T=block_t,
-        BLOCK_K=block_k,
-        BLOCK_N=block_n,
+        N=n_out,
+        BLOCK_T=tiles.block_t,
+        BLOCK_K=tiles.block_k,
+        BLOCK_N=tiles.block_n,
         PRECISION=DOT_PRECISION,
-        num_warps=8,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     per_column = (g * mr).sum(0)
     dalpha = torch.stack([per_column[:n].sum(), per_column[n : 2 * n].sum(), per_column[2 * n :].sum()])
