@@ -7,6 +7,7 @@ checkpoint) replaces the probe when re-injecting.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -94,12 +95,33 @@ class InjectionReport:
 
 @dataclass
 class _Probe:
-    """First call of one candidate block during the probe forward."""
+    """First call of one candidate block during the probe forward, with a copy of its arguments taken before it ran.
+
+    The probe runs each block again (to find its branches); a block may change its arguments as it runs (a Hugging
+    Face KV cache grows by each call), so every re-run gets a fresh copy of them as they were (``call_args``). Only
+    the hidden state is shared, not copied: the re-runs watch that very tensor. Arguments that cannot be copied are
+    passed as they are now.
+    """
 
     args: tuple
     kwargs: dict
     hidden: Tensor
     out_hidden: Tensor | None = None
+    before: tuple[tuple, dict] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.before = self._copy((self.args, self.kwargs))
+
+    def call_args(self) -> tuple[tuple, dict]:
+        """The block's arguments as they were before its first call (the current ones if they cannot be copied)."""
+        fresh = self._copy(self.before) if self.before is not None else None
+        return fresh if fresh is not None else (self.args, self.kwargs)
+
+    def _copy(self, call: tuple[tuple, dict]) -> tuple[tuple, dict] | None:
+        try:
+            return copy.deepcopy(call, {id(self.hidden): self.hidden})
+        except Exception:  # noqa: BLE001 - any object may refuse deepcopy; then the arguments are used as they are
+            return None
 
 
 def apply_mhc(
@@ -418,8 +440,9 @@ def _split_plan(name: str, block: nn.Module, probe: _Probe, config: MHCConfig) -
     if config.granularity == "block":
         return whole
     watcher = ResidualWatcher(probe.hidden)
+    args, kwargs = probe.call_args()
     with watcher:
-        out = block(*probe.args, **probe.kwargs)
+        out = block(*args, **kwargs)
     out_hidden, _ = split_output(out)
     if not returns_last_sum(watcher, out_hidden):
         why = f"found {watcher.branches} additions to the residual, and the block must return its last one unchanged"
@@ -441,7 +464,7 @@ def _split_plan(name: str, block: nn.Module, probe: _Probe, config: MHCConfig) -
 def _changes_its_input(block: nn.Module, probe: _Probe) -> bool:
     """Whether ``block`` modifies its hidden-state input in place (``x += f(x)``), run on a copy of it."""
     hidden = probe.hidden.clone()
-    args, kwargs = take_hidden(probe.args, probe.kwargs)[1](hidden)
+    args, kwargs = take_hidden(*probe.call_args())[1](hidden)
     version = hidden._version
     block(*args, **kwargs)
     return hidden._version != version
@@ -456,7 +479,7 @@ def _branches_read_previous_sums(block: nn.Module, probe: _Probe) -> bool:
         return residual + branch_out
 
     hidden = probe.hidden.detach().clone().requires_grad_(True)
-    args, kwargs = take_hidden(probe.args, probe.kwargs)[1](hidden)
+    args, kwargs = take_hidden(*probe.call_args())[1](hidden)
     try:
         with torch.enable_grad():
             with ResidualWatcher(hidden, record):
@@ -486,8 +509,9 @@ def _is_channels_first(block: nn.Module, probe: _Probe) -> bool:
 
     convs = [m for m in block.modules() if isinstance(m, nn.modules.conv._ConvNd)]
     handles = [conv.register_forward_pre_hook(check) for conv in convs]
+    args, kwargs = probe.call_args()
     try:
-        block(*probe.args, **probe.kwargs)
+        block(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()

@@ -1,4 +1,5 @@
 import copy
+import threading
 
 import pytest
 import torch
@@ -282,3 +283,78 @@ def test_dynamo_traces_an_injected_model_in_one_graph():
     explained = torch._dynamo.explain(model)(lm_batch(1))
     torch._dynamo.reset()
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+class CachingBlock(nn.Module):
+    """Appends its input to a per-forward cache list, as a KV cache grows, and refuses a cache of the wrong length."""
+
+    def __init__(self, index, dim=16):
+        super().__init__()
+        self.index = index
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+
+    def forward(self, x, cache):
+        if len(cache) != self.index:
+            raise RuntimeError(f"block {self.index} got a cache of {len(cache)} entries")
+        cache.append(x)
+        return x + self.mlp(torch.stack(cache).mean(0))
+
+
+class CachingNet(nn.Module):
+    def __init__(self, depth=3, dim=16):
+        super().__init__()
+        self.blocks = nn.ModuleList(CachingBlock(i, dim) for i in range(depth))
+
+    def forward(self, x):
+        cache = []
+        for block in self.blocks:
+            x = block(x, cache)
+        return x
+
+
+def test_probe_reruns_blocks_on_their_arguments_as_they_were_before_the_first_call():
+    # the probe runs each block again; a block that extends an argument (a KV cache) must not see its own entries
+    torch.manual_seed(0)
+    model, x = CachingNet(), torch.randn(2, 5, 16)
+    original = copy.deepcopy(model)
+    report = apply_mhc(model, MHCConfig(streams=4, gate_init=0.0), example_input=x)
+    assert [(b.granularity, b.branches) for b in report.blocks] == [("sublayer", 1)] * 3
+    torch.testing.assert_close(model(x), original(x))
+
+
+class LockedScale:
+    """An argument deepcopy refuses (it holds a lock)."""
+
+    def __init__(self):
+        self.lock, self.value = threading.Lock(), 0.5
+
+
+class ScaledBlock(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+
+    def forward(self, x, scale):
+        with scale.lock:
+            return x + scale.value * self.mlp(x)
+
+
+def test_probe_passes_arguments_that_cannot_be_copied_as_they_are():
+    class ScaledNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(ScaledBlock() for _ in range(3))
+
+        def forward(self, x):
+            scale = LockedScale()
+            for block in self.blocks:
+                x = block(x, scale)
+            return x
+
+    with pytest.raises(TypeError):
+        copy.deepcopy(LockedScale())
+    model, x = ScaledNet(), torch.randn(2, 5, 16)
+    original = copy.deepcopy(model)
+    report = apply_mhc(model, MHCConfig(streams=4, gate_init=0.0), example_input=x)
+    assert [(b.granularity, b.branches) for b in report.blocks] == [("sublayer", 1)] * 3
+    torch.testing.assert_close(model(x), original(x))

@@ -1,4 +1,5 @@
-"""apply_mhc on the real libraries: Hugging Face transformers (GPT-2, Llama, Qwen3-MoE) and litgpt.
+"""apply_mhc on the real libraries: Hugging Face transformers (GPT-2, Llama, Qwen3-MoE, Gemma 2, Falcon, BLOOM) and
+litgpt.
 
 Tiny configs built here with random weights (nothing is downloaded). Every check compares the injected model with a
 reference computed in the test: the original model (at ``gate_init=0`` the injected model computes exactly it), or
@@ -63,11 +64,42 @@ def _qwen3_moe():
     return transformers.Qwen3MoeForCausalLM(config)
 
 
-# name: (builder, dotted path of the decoder-layer stack, attribute holding the attention module)
+def _gemma2():
+    # sliding-window layers (window 6 < the 10-token batch), logit soft-capping, post-norms on every branch
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=6, max_position_embeddings=64, bos_token_id=1,
+        eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.Gemma2ForCausalLM(config)
+
+
+def _falcon():
+    # attention and MLP in parallel on one LayerNorm: one residual branch per layer
+    config = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=2, num_attention_heads=2, parallel_attn=True,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.FalconForCausalLM(config)
+
+
+def _bloom():
+    # ALiBi; each residual sum is formed inside a helper (dropout_add)
+    config = transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=DIM, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1, pad_token_id=0
+    )
+    return transformers.BloomForCausalLM(config)
+
+
+# name: (builder, dotted path of the decoder-layer stack, attribute holding the attention module, branches per layer).
+# Every layer's arguments include a KV cache that the layer extends as it runs (use_cache defaults to True).
 HF_MODELS = {
-    "gpt2": (_gpt2, "transformer.h", "attn"),
-    "llama": (_llama, "model.layers", "self_attn"),
-    "qwen3_moe": (_qwen3_moe, "model.layers", "self_attn"),
+    "gpt2": (_gpt2, "transformer.h", "attn", 2),
+    "llama": (_llama, "model.layers", "self_attn", 2),
+    "qwen3_moe": (_qwen3_moe, "model.layers", "self_attn", 2),
+    "gemma2": (_gemma2, "model.layers", "self_attn", 2),
+    "falcon": (_falcon, "transformer.h", "self_attention", 1),
+    "bloom": (_bloom, "transformer.h", "self_attention", 2),
 }
 
 
@@ -138,7 +170,7 @@ class CallCounter:
 
 
 def _inner_attention(model, name):
-    _, path, attn = HF_MODELS[name]
+    _, path, attn, _ = HF_MODELS[name]
     return [getattr(layer.block, attn) for layer in model.get_submodule(path)]
 
 
@@ -152,11 +184,11 @@ def test_hf_gate_zero_is_the_original_model(name):
     ids, mask = _hf_batch()
     report = _inject_hf(model, 0.0, ids, mask)
     model.eval()
-    path = HF_MODELS[name][1]
+    _, path, _, branches = HF_MODELS[name]
     assert report.stack == path
     stack = model.get_submodule(path)
     assert all(isinstance(layer, MHCBlock) for layer in stack)
-    assert [(b.granularity, b.branches) for b in report.blocks] == [("sublayer", 2)] * len(stack)
+    assert [(b.granularity, b.branches) for b in report.blocks] == [("sublayer", branches)] * len(stack)
 
     # every injected block returns a hidden state of the original shape; the streams ride on it
     outputs = {}
@@ -235,7 +267,7 @@ def test_hf_gradient_checkpointing_matches_no_checkpointing(name, reentrant):
 @pytest.mark.parametrize("name", list(HF_MODELS))
 def test_hf_wrapped_layer_attributes_reach_the_original_layer(name):
     model = _hf_model(name)
-    _, path, attn_name = HF_MODELS[name]
+    _, path, attn_name, _ = HF_MODELS[name]
     inner = model.get_submodule(path)[0]
     attention = getattr(inner, attn_name)
     ids, mask = _hf_batch()
