@@ -8,7 +8,9 @@ the same injected model without the feature under test (activation checkpointing
 
 import copy
 import functools
+import importlib.util
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -495,3 +497,21 @@ def test_litgpt_training_step_reaches_every_hyper_connection(style):
     no_pre = [n for n, m in hypers if m.bias.grad[:STREAMS].abs().sum() == 0]
     assert not no_pre, f"H_pre gets no gradient in {no_pre}: the branch does not read its mHC input"
     assert all(m.phi.grad.abs().sum() > 0 for _, m in hypers)
+
+
+# ------------------------------------------------------------- 7. the architecture survey (scripts/)
+
+
+def test_architecture_survey_rows_report_the_original_model():
+    path = Path(__file__).parents[1] / "scripts" / "survey_transformers.py"
+    spec = importlib.util.spec_from_file_location("survey_transformers", path)
+    survey = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(survey)
+    rows = {label: survey.survey(label, *survey.ARCHITECTURES[label]) for label in ("cohere", "jamba")}
+    for row in rows.values():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4] == "equal" and float(cells[3]) < 1e-5, row
+        reached, total = map(int, cells[5].split("/"))
+        assert reached == total > 0, row
+    assert "run in parallel" in rows["cohere"]  # wrapped whole, and the row says why
+    assert "blocks='model.layers' passed" in rows["jamba"]
