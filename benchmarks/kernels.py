@@ -12,6 +12,7 @@ Without CUDA it checks correctness on small sizes in the Triton interpreter inst
 
     python benchmarks/kernels.py                          # C in {1280, 2560, 4096}, n in {2, 4, 8}, bf16
     python benchmarks/kernels.py --peak-gbps 3350 --tokens 8192 --channels 4096 --streams 4
+    python benchmarks/kernels.py --sweep-logits --channels 2560 --streams 4   # logits kernels at other tile shapes
 """
 
 from __future__ import annotations

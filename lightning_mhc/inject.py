@@ -98,30 +98,63 @@ class _Probe:
     """First call of one candidate block during the probe forward, with a copy of its arguments taken before it ran.
 
     The probe runs each block again (to find its branches); a block may change its arguments as it runs (a Hugging
-    Face KV cache grows by each call), so every re-run gets a fresh copy of them as they were (``call_args``). Only
-    the hidden state is shared, not copied: the re-runs watch that very tensor. Arguments that cannot be copied are
-    passed as they are now.
+    Face KV cache grows by each call), so every re-run gets the arguments as they were (``call_args``): a fresh copy
+    of each argument's Python objects, sharing the tensors and modules in them (a cache grows by replacing its
+    tensors, so a copy holds references, not K/V). An argument that cannot be copied is passed as it is now.
     """
 
     args: tuple
     kwargs: dict
     hidden: Tensor
     out_hidden: Tensor | None = None
-    before: tuple[tuple, dict] | None = field(init=False, default=None)
+    before: tuple[tuple, dict] = field(init=False)
+    shared: dict[int, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.before = self._copy((self.args, self.kwargs))
+        self.shared = _tensors_and_modules((self.args, self.kwargs))
+        self.before = (
+            tuple(self._copied(arg) for arg in self.args),
+            {name: self._copied(value) for name, value in self.kwargs.items()},
+        )
 
     def call_args(self) -> tuple[tuple, dict]:
-        """The block's arguments as they were before its first call (the current ones if they cannot be copied)."""
-        fresh = self._copy(self.before) if self.before is not None else None
-        return fresh if fresh is not None else (self.args, self.kwargs)
+        """The block's arguments as they were before its first call (those that cannot be copied as they are now)."""
+        args, kwargs = self.before
+        return tuple(self._fresh(a) for a in args), {name: self._fresh(v) for name, v in kwargs.items()}
 
-    def _copy(self, call: tuple[tuple, dict]) -> tuple[tuple, dict] | None:
+    def _copied(self, value: Any) -> tuple[bool, Any]:
         try:
-            return copy.deepcopy(call, {id(self.hidden): self.hidden})
-        except Exception:  # noqa: BLE001 - any object may refuse deepcopy; then the arguments are used as they are
-            return None
+            return True, copy.deepcopy(value, dict(self.shared))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - any object may refuse deepcopy (a lock, a process group): keep it as is
+            return False, value
+
+    def _fresh(self, entry: tuple[bool, Any]) -> Any:
+        copied, value = entry
+        return self._copied(value)[1] if copied else value
+
+
+def _tensors_and_modules(obj: Any) -> dict[int, Any]:
+    """Every tensor and module reachable from ``obj`` through containers and attributes, by id: in a deepcopy's memo
+    they are shared instead of copied."""
+    found: dict[int, Any] = {}
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (Tensor, nn.Module)):
+            found[id(item)] = item
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__"):
+            stack.extend(vars(item).values())
+    return found
 
 
 def apply_mhc(

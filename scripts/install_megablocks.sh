@@ -16,8 +16,8 @@
 #   passes to cub::DeviceScan; it is dropped (the argument only toggled debug synchronisation).
 # - torch >= 2.14's headers refuse anything older than C++20 ("#error C++20 or later compatible compiler is
 #   required"), while grouped_gemm 0.3.0 compiles with -std=c++17; it gets -std=c++20 when the headers ask for it.
-# CUDA headers that torch's pip wheels carry (site-packages/nvidia/*/include: cusparse.h, cublas_v2.h, ...) are
-# added to CPATH when the CUDA toolkit lacks them, as a compiler-only toolkit does.
+# When the CUDA toolkit lacks the library headers (a compiler-only toolkit has no cusparse.h), the headers that
+# torch's pip wheels carry (site-packages/nvidia/*/include) are added to CPATH.
 set -euo pipefail
 
 FROM="" TARGET=()
@@ -58,11 +58,18 @@ if grep -q "C++20 or later" "$TORCH_INCLUDE"/ATen/ATen.h; then
     grep -q '"-std=c++20"' "$WORK"/grouped_gemm-0.3.0/setup.py || { echo "could not patch grouped_gemm setup.py" >&2; exit 1; }
 fi
 
-CUDA_INCLUDE=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}/include
-if [[ ! -e $CUDA_INCLUDE/cusparse.h ]]; then
+# The toolkit torch's extension builder will use (CUDA_HOME, else where it finds nvcc).
+CUDA_ROOT=$($PY -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')")
+if [[ -z $CUDA_ROOT || ! -e $CUDA_ROOT/include/cuda_runtime_api.h ]]; then
+    echo "no CUDA toolkit at CUDA_HOME='$CUDA_ROOT' (torch's guess when unset: two levels above nvcc); set" \
+        "CUDA_HOME to the toolkit root, the folder with bin/nvcc and include/cuda_runtime_api.h" >&2
+    exit 1
+fi
+if [[ ! -e $CUDA_ROOT/include/cusparse.h ]]; then
     for dir in "$TORCH_INCLUDE"/../../nvidia/*/include; do
-        [[ -e $dir/cusparse.h ]] && export CPATH=$dir${CPATH:+:$CPATH}
+        [[ -d $dir ]] && CPATH=$dir${CPATH:+:$CPATH}
     done
+    export CPATH
 fi
 
 $PY -m pip install --no-deps --no-build-isolation --no-cache-dir "${TARGET[@]}" \

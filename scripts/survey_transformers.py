@@ -2,8 +2,8 @@
 
 Per architecture: injection at ``gate_init=0`` must leave the logits and greedy generation (with the KV cache) equal
 to the original model's; then a training step at ``gate_init=0.01`` must give every hyper-connection's ``phi`` a
-gradient. Prints one row per architecture: the stack found, (granularity, branches) per layer, the largest logit
-difference, and what failed or warned. Nothing is downloaded.
+gradient. Prints one row per architecture: the stack found, the distinct (granularity, branches) of its layers, the
+largest logit difference, and what was refused or warned. Nothing is downloaded.
 
     .venv/bin/python scripts/survey_transformers.py [model_type ...]
 """
@@ -110,7 +110,7 @@ def survey(label: str, model_type: str, kwargs: dict, blocks: str | None = None)
             warnings.simplefilter("always")
             report = apply_mhc(model, MHCConfig(streams=4, gate_init=0.0, blocks=blocks), example_input=batch)
     except (ValueError, RuntimeError) as err:
-        return f"| {label} | refused: {err} |"
+        return f"| {label} | refused: {err} |" + " |" * 5
     notes = sorted({str(w.message).split(": ", 1)[1].rstrip(".") for w in caught if "mHC wraps" in str(w.message)})
     if blocks:
         notes.insert(0, f"blocks={blocks!r} passed")

@@ -293,11 +293,15 @@ class CachingBlock(nn.Module):
         self.index = index
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
 
-    def forward(self, x, cache):
+    def forward(self, x, cache, scale=None):
         if len(cache) != self.index:
             raise RuntimeError(f"block {self.index} got a cache of {len(cache)} entries")
         cache.append(x)
-        return x + self.mlp(torch.stack(cache).mean(0))
+        branch = self.mlp(torch.stack(cache).mean(0))
+        if scale is not None:
+            with scale.lock:
+                branch = scale.value * branch
+        return x + branch
 
 
 class CachingNet(nn.Module):
@@ -329,32 +333,44 @@ class LockedScale:
         self.lock, self.value = threading.Lock(), 0.5
 
 
-class ScaledBlock(nn.Module):
-    def __init__(self, dim=16):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
-
-    def forward(self, x, scale):
-        with scale.lock:
-            return x + scale.value * self.mlp(x)
-
-
-def test_probe_passes_arguments_that_cannot_be_copied_as_they_are():
-    class ScaledNet(nn.Module):
+def test_probe_copies_each_argument_it_can_and_passes_the_others_as_they_are():
+    # one argument refuses deepcopy (a lock); the cache beside it is still copied for every re-run
+    class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.blocks = nn.ModuleList(ScaledBlock() for _ in range(3))
+            self.blocks = nn.ModuleList(CachingBlock(i) for i in range(3))
 
         def forward(self, x):
-            scale = LockedScale()
+            cache, scale = [], LockedScale()
             for block in self.blocks:
-                x = block(x, scale)
+                x = block(x, cache, scale)
             return x
 
     with pytest.raises(TypeError):
         copy.deepcopy(LockedScale())
-    model, x = ScaledNet(), torch.randn(2, 5, 16)
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 5, 16)
     original = copy.deepcopy(model)
     report = apply_mhc(model, MHCConfig(streams=4, gate_init=0.0), example_input=x)
     assert [(b.granularity, b.branches) for b in report.blocks] == [("sublayer", 1)] * 3
     torch.testing.assert_close(model(x), original(x))
+
+
+def test_probe_copies_share_tensors_and_modules_not_duplicate_them():
+    # a KV cache's copy for block i would otherwise hold the K/V of layers 0..i-1 again: L^2/2 layers in all
+    from lightning_mhc.inject import _Probe
+
+    class Cache:
+        def __init__(self):
+            self.layers = [torch.randn(4, 8), torch.randn(4, 8)]
+            self.norm = nn.LayerNorm(8)
+
+    hidden, cache = torch.randn(2, 8), Cache()
+    probe = _Probe((hidden,), {"cache": cache}, hidden)
+    cache.layers.append(torch.randn(4, 8))  # the block extends the cache as it runs
+    (got_hidden,), kwargs = probe.call_args()
+    assert got_hidden is hidden
+    assert kwargs["cache"] is not cache and len(kwargs["cache"].layers) == 2
+    assert all(a is b for a, b in zip(kwargs["cache"].layers, cache.layers))
+    assert kwargs["cache"].norm is cache.norm
+    assert probe.call_args()[1]["cache"] is not kwargs["cache"]  # every re-run gets its own copy

@@ -74,11 +74,13 @@ def test_mhc_logits_matches_reference(lead, c, n, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_mhc_logits_backward_sums_token_splits(device, monkeypatch):
-    # On GPU the weight gradient is reduced over several token splits; force three here.
+@pytest.mark.parametrize("tokens", [1, 31, 32, 33, 100])
+def test_mhc_logits_backward_sums_token_splits(tokens, device, monkeypatch):
+    # On GPU the weight gradient is reduced over several token splits; force three here (fewer when there are fewer
+    # token blocks). Token counts around the 32-token block check the backward's one-block-ahead loads of x.
     monkeypatch.setattr(coefficients, "_token_splits", lambda x, k_chunks, token_blocks: 3)
     gen = torch.Generator().manual_seed(7)
-    inputs = _logit_inputs((100,), 2, 24, torch.float32, device, gen)
+    inputs = _logit_inputs((tokens,), 2, 24, torch.float32, device, gen)
     got_in, ref_in = _leaves(*inputs), _leaves(*inputs)
     got, ref = ops.mhc_logits(*got_in), reference.mhc_logits(*ref_in)
     grad_out = torch.randn(ref.shape, generator=gen).to(device)

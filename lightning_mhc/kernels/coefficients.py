@@ -8,8 +8,9 @@ is applied to the ``(BLOCK_T, N)`` result after the matmul, as the paper fuses i
 1.5 MB at n=4, C=4096) is re-read by every program and stays L2-resident; a larger ``BLOCK_T`` amortises it. The
 forward reads it transposed, ``(N, K)``, copied once per call: a tf32 ``tl.dot`` takes both operands K-major from
 shared memory, and from the ``(K, N)`` parameter the copies into shared memory were 4 bytes each (16 with
-``phi^T``, sm_90 PTX). ``N`` is a compile-time constant (``n*n + 2n``, one value per n), so the ``(T, N)`` rows
-are aligned and stored in 16-byte vectors.
+``phi^T``, sm_90 PTX; the transpose costs one ``K*N`` copy per call). ``N`` is a compile-time constant
+(``n*n + 2n``, one value per n), so for even n the ``(T, N)`` rows are 16-byte aligned and stored in 16-byte
+vectors.
 A reduction formulation (broadcast-multiply and ``tl.sum``) would run on CUDA cores: at ``N`` = 24-80 flops per
 byte of ``x`` that is compute-bound on Hopper, while tensor cores keep the kernel on the bandwidth roofline.
 The dot runs in tf32 on GPU (``DOT_PRECISION``), as the paper allows for ``phi``; ``x`` in bf16 loses nothing
@@ -180,7 +181,7 @@ def logits_forward(
     """
     n_tokens, k_dim = x.shape
     n_out = phi.shape[1]
-    phi, alpha, bias = phi.contiguous(), alpha.contiguous(), bias.contiguous()
+    alpha, bias = alpha.contiguous(), bias.contiguous()
     out = torch.empty((n_tokens, n_out), device=x.device, dtype=torch.float32)
     mr = torch.empty_like(out)
     r = torch.empty((n_tokens,), device=x.device, dtype=torch.float32)
