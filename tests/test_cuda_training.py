@@ -9,6 +9,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from block_styles import VOCAB, NanoGPT, lm_batch
 from lit_models import trainer
 
 from lightning_mhc import MHCCallback, MHCConfig, apply_mhc, load_from_checkpoint
@@ -91,3 +93,27 @@ def check_triton_equals_torch_in_gpt2(device: str, dtype: torch.dtype, recompute
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_in_a_real_model_equal_the_torch_kernels(recompute, dtype):
     check_triton_equals_torch_in_gpt2("cuda", dtype, recompute)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_a_training_step_never_waits_for_the_gpu(kernels, recompute):
+    # A host sync in a layer's forward or backward (.item(), repeat_interleave with a tensor of repeats, ...) stalls
+    # the launch queue once per layer; torch's sync debug mode turns each into an error.
+    torch.manual_seed(0)
+    model = NanoGPT(dim=64, depth=3).cuda()
+    tokens = lm_batch().cuda()
+    apply_mhc(model, MHCConfig(streams=4, kernels=kernels, recompute=recompute), example_input=tokens)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens)
+        F.cross_entropy(logits.float().reshape(-1, VOCAB), tokens.reshape(-1)).backward()
+
+    step()  # compiles the kernels and warms the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

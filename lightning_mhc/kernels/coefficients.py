@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_mhc.kernels.reference import RMS_EPS
+from lightning_mhc.kernels.reference import RMS_EPS, logit_gains
 
 DOT_PRECISION = "tf32"
 
@@ -139,11 +139,6 @@ def _logits_bwd_kernel(
     tl.store(dphi_ptr + split * K * N + k[:, None] * N + j[None, :], dphi, mask=k_mask[:, None] & j_mask[None, :])
 
 
-def _gains(alpha: Tensor, n: int) -> Tensor:
-    sizes = torch.tensor([n, n, n * n], device=alpha.device)
-    return torch.repeat_interleave(alpha.float(), sizes)
-
-
 class LogitsTiles(NamedTuple):
     """Launch shape of a logits kernel: tokens, ``K`` and (padded) ``N`` per tile, warps, pipeline stages."""
 
@@ -234,7 +229,7 @@ def logits_backward(
     n_tokens, k_dim = x.shape
     n_out = phi.shape[1]
     g = grad_logits.float()
-    gains = _gains(alpha, n)
+    gains = logit_gains(alpha.float(), n)
     gm = (g * gains / r[:, None]).contiguous()
     c = (-(g * gains * mr).sum(-1) / (k_dim * r * r)).contiguous()
     tiles = logits_tiles(k_dim, n_out, forward=False)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_mhc.kernels import reference
-from lightning_mhc.kernels.reference import RMS_EPS, SINKHORN_EPS, Coefficients, at_least_fp32
+from lightning_mhc.kernels.reference import RMS_EPS, SINKHORN_EPS, Coefficients, at_least_fp32, logit_gains
 
 
 def _start(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -131,16 +131,11 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return _Sinkhorn.apply(logits, iters)
 
 
-def _gains(alpha: Tensor, n: int) -> Tensor:
-    """``alpha`` per logit: ``[alpha_pre] * n + [alpha_post] * n + [alpha_res] * n*n``."""
-    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
-
-
 def _logits(proj: Tensor, rms: Tensor, alpha: Tensor, bias: Tensor, n: int) -> Tensor:
     """``(tokens, n*n + 2n)`` logits ``proj / rms * alpha + b``, with the reference's operations (no fused
     multiply-add, whose rounding would depend on an entry's position)."""
     dt = proj.dtype
-    return proj / rms.unsqueeze(-1) * _gains(alpha.to(dt), n) + bias.to(dt)
+    return proj / rms.unsqueeze(-1) * logit_gains(alpha.to(dt), n) + bias.to(dt)
 
 
 class _Read(torch.autograd.Function):
@@ -192,7 +187,7 @@ class _Read(torch.autograd.Function):
         scaled = proj / rms.unsqueeze(-1)
         d_gains = (d_logits * scaled).sum(0)
         d_alpha = torch.stack([d_gains[:n].sum(), d_gains[n : 2 * n].sum(), d_gains[2 * n :].sum()])
-        d_scaled = d_logits * _gains(alpha.to(dt), n)
+        d_scaled = d_logits * logit_gains(alpha.to(dt), n)
         d_rms = -(d_scaled * scaled).sum(1) / rms
         d_proj = d_scaled / rms.unsqueeze(-1)
         d_x = d_phi = None

@@ -14,6 +14,12 @@ RMS_EPS = 1e-6
 SINKHORN_EPS = 1e-6
 
 
+def logit_gains(alpha: Tensor, n: int) -> Tensor:
+    """``alpha`` per logit, ``[alpha_pre] * n + [alpha_post] * n + [alpha_res] * n*n``, without a host sync (unlike
+    ``repeat_interleave`` with a tensor of repeats, which reads their sum on the host)."""
+    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+
+
 def at_least_fp32(t: Tensor) -> Tensor:
     """Upcast half types to fp32; leave fp32 and fp64 as they are (fp64 is for gradcheck)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
