@@ -12,10 +12,13 @@ import importlib.util
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from block_styles import NanoGPTBlock
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lit_models import token_loader, trainer
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
@@ -25,7 +28,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 from torch.utils.checkpoint import checkpoint
 
-from lightning_mhc import MHCConfig, apply_mhc
+from lightning_mhc import MHCCallback, MHCConfig, apply_mhc, load_from_checkpoint
 from lightning_mhc.carry import carried_streams
 from lightning_mhc.hyper_connection import HyperConnection
 from lightning_mhc.mhc_block import MHCBlock
@@ -515,3 +518,47 @@ def test_architecture_survey_rows_report_the_original_model():
         assert reached == total > 0, row
     assert "run in parallel" in rows["cohere"]  # wrapped whole, and the row says why
     assert "blocks='model.layers' passed" in rows["jamba"]
+
+
+# ------------------------------------------------- 8. the user's path: MHCCallback on a Hugging Face model
+
+
+class HFLitLM(L.LightningModule):
+    """A LightningModule around a transformers causal LM, as a user writes one (no mHC in it)."""
+
+    def __init__(self, name: str = "gemma2", lr: float = 3e-3):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = _hf_model(name)
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "falcon"])
+def test_callback_on_a_hugging_face_model_resumes_exactly_and_reloads(name, tmp_path):
+    torch.manual_seed(0)
+    whole = HFLitLM(name)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    trainer(max_steps=8, enable_checkpointing=True, callbacks=[MHCCallback(streams=STREAMS), saver]).fit(
+        whole, token_loader()
+    )
+    assert isinstance(whole.model.get_submodule(HF_MODELS[name][1])[0], MHCBlock)
+
+    torch.manual_seed(123)
+    resumed = HFLitLM(name)
+    trainer(max_steps=8, callbacks=[MHCCallback(streams=STREAMS)]).fit(
+        resumed, token_loader(), ckpt_path=tmp_path / "epoch=0-step=4.ckpt"
+    )
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=key)
+
+    reloaded = load_from_checkpoint(HFLitLM, tmp_path / "epoch=1-step=8.ckpt").eval()
+    ids, mask = _hf_batch()
+    with torch.no_grad():
+        expected = whole.eval().model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(reloaded.model(input_ids=ids, attention_mask=mask).logits, expected)
