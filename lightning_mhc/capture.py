@@ -8,21 +8,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_mhc.metrics import StreamDiversity
+from lightning_mhc.metrics import StreamDiversity, diversity_sums
 
 
 def in_backward() -> bool:
-    """Whether this runs inside a backward pass (a forward re-run by activation checkpointing or recomputation)."""
-    return torch._C._current_graph_task_id() != -1
+    """Whether this runs inside a backward pass (a forward re-run by activation checkpointing or recomputation).
+
+    False while ``torch.compile`` traces: a compiled graph's replays happen inside its compiled backward, not by
+    running this Python again, and the query would break the graph at every block."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class StreamCapture:
     """Detached ``H_res`` of every hyper-connection, grouped per forward in depth order, and the diversity of the
-    stream states the last block reduces (``None`` before any)."""
+    stream states the last block reduces (``None`` before any).
+
+    Recording is tensor arithmetic and list appends only, so a compiled model records inside its graph; the
+    diversity metric is assembled from the recorded statistics when it is read."""
 
     def __init__(self) -> None:
         self.forwards: list[list[Tensor]] = []
-        self.diversity: StreamDiversity | None = None
+        self.diversity_sums: list[tuple[Tensor, Tensor]] = []
+
+    @property
+    def diversity(self) -> StreamDiversity | None:
+        """The recorded stream states' diversity (``None`` before any)."""
+        if not self.diversity_sums:
+            return None
+        distances, tokens = zip(*self.diversity_sums)
+        metric = StreamDiversity().to(distances[0].device)
+        metric.merge_state({"distance_sum": torch.stack(distances).sum(), "tokens": torch.stack(tokens).sum()})
+        return metric
 
     def begin_forward(self) -> None:
         if not in_backward():
@@ -36,8 +52,5 @@ class StreamCapture:
         self.forwards[-1].append(h_res.detach())
 
     def add_final_streams(self, streams: Tensor) -> None:
-        if in_backward():
-            return
-        if self.diversity is None:
-            self.diversity = StreamDiversity().to(streams.device)
-        self.diversity.update(streams)
+        if not in_backward():
+            self.diversity_sums.append(diversity_sums(streams))

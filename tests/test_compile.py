@@ -1,5 +1,6 @@
-"""``torch.compile`` of an injected model: one graph without breaks (with selective recomputation configured too),
-and a compiled training step equal to the eager one. The torch path's autograd Functions are traced, backward
+"""``torch.compile`` of an injected model: one graph without breaks (with selective recomputation configured too,
+and under ``MHCCallback``'s per-step watch and stability capture), and a compiled training step equal to the eager
+one. The torch path's autograd Functions are traced, backward
 included; the saved-tensor hooks of ``recompute.py`` stay out of compiled graphs (``MHCBlock._recomputes``)."""
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from block_styles import NanoGPT, lm_batch
+from lit_models import LitLM, token_loader, trainer
 
-from lightning_mhc import MHCConfig, apply_mhc
+from lightning_mhc import MHCCallback, MHCConfig, apply_mhc
+from lightning_mhc.mhc_block import MHCBlock
 
 
 def _injected(recompute: bool, granularity: str = "sublayer") -> NanoGPT:
@@ -83,3 +86,29 @@ def test_compiled_read_and_merge_equal_eager_for_half_streams(dtype):
     for g, w in zip(got, want):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, w, rtol=2e-2, atol=1e-2 * w.abs().max().item())
+
+
+class CompiledLitLM(LitLM):
+    """Compiles its model in configure_model, as large-model code does; the callback injects into what it wraps."""
+
+    def configure_model(self):
+        if not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+            self.model = torch.compile(self.model, fullgraph=True, backend="aot_eager")
+
+
+@pytest.mark.slow
+def test_callback_injects_into_a_model_compiled_in_configure_model():
+    modules = {}
+    for module_class in (CompiledLitLM, LitLM):
+        torch.manual_seed(0)
+        modules[module_class] = module_class()
+        try:
+            trainer(max_steps=4, callbacks=[MHCCallback(streams=4, kernels="torch")]).fit(
+                modules[module_class], token_loader()
+            )
+        finally:
+            torch._dynamo.reset()
+    compiled = modules[CompiledLitLM].model
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert all(isinstance(block, MHCBlock) for block in compiled._orig_mod.transformer.h)
+    torch.testing.assert_close(modules[CompiledLitLM].losses, modules[LitLM].losses, rtol=1e-5, atol=1e-6)

@@ -429,9 +429,7 @@ class MHCPipelineStrategy(DDPStrategy):
             capture.forwards.append([h.to(device) for s in range(self.num_stages) for h in by_stage[s][m][0]])
             diversity = by_stage[self.num_stages - 1][m][1]
             if diversity is not None:
-                if capture.diversity is None:
-                    capture.diversity = StreamDiversity().to(device)
-                capture.diversity.merge_state({k: v.to(device) for k, v in diversity.items()})
+                capture.diversity_sums.append((diversity["distance_sum"].to(device), diversity["tokens"].to(device)))
 
     # ------------------------------------------------------------------------------------------ weights and state
     def sync_full_model(self) -> None:
