@@ -19,16 +19,33 @@ def in_backward() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def by_forward(records: list) -> list[list]:
+    """Per-call records (``None`` marks the start of a forward) grouped per forward, in call order."""
+    groups: list[list] = []
+    for record in records:
+        if record is None or not groups:
+            groups.append([])
+        if record is not None:
+            groups[-1].append(record)
+    return groups
+
+
 class StreamCapture:
     """Detached ``H_res`` of every hyper-connection, grouped per forward in depth order, and the diversity of the
     stream states the last block reduces (``None`` before any).
 
-    Recording is tensor arithmetic and list appends only, so a compiled model records inside its graph; the
-    diversity metric is assembled from the recorded statistics when it is read."""
+    Recording only appends tensors (and ``None`` at each forward's start) to lists and never reads them, so a
+    compiled model records inside its graphs without specialising them on how much was recorded; the groups and the
+    diversity metric are assembled when read."""
 
     def __init__(self) -> None:
-        self.forwards: list[list[Tensor]] = []
+        self.records: list[Tensor | None] = []
         self.diversity_sums: list[tuple[Tensor, Tensor]] = []
+
+    @property
+    def forwards(self) -> list[list[Tensor]]:
+        """``H_res`` per forward, in depth order."""
+        return by_forward(self.records)
 
     @property
     def diversity(self) -> StreamDiversity | None:
@@ -42,14 +59,15 @@ class StreamCapture:
 
     def begin_forward(self) -> None:
         if not in_backward():
-            self.forwards.append([])
+            self.records.append(None)
 
     def add_h_res(self, h_res: Tensor) -> None:
-        if in_backward():
-            return
-        if not self.forwards:
-            self.begin_forward()
-        self.forwards[-1].append(h_res.detach())
+        if not in_backward():
+            self.records.append(h_res.detach())
+
+    def add_forward(self, h_res: list[Tensor]) -> None:
+        """One whole forward's ``H_res`` in depth order (composed elsewhere, e.g. across pipeline stages)."""
+        self.records += [None, *h_res]
 
     def add_final_streams(self, streams: Tensor) -> None:
         if not in_backward():
