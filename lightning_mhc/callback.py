@@ -232,7 +232,7 @@ class MHCCallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._capture is None and trainer.global_step % self.config.log_every_n_steps == 0:
-            self._capture = StreamCapture(self.monitor.layers or None)
+            self._capture = StreamCapture()
             self._capture_step = trainer.global_step
             self._attach(pl_module)
 

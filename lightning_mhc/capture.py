@@ -16,43 +16,33 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def replaying() -> bool:
-    """``in_backward()`` for code that only records metrics, answered False while ``torch.compile`` traces, where
-    the query would break the graph at every block. Compiled code replayed by a checkpoint outside it then records
-    again, after its forward's records: readers keep each forward's first ``layers`` records (``by_forward``).
-    Code whose effect changes training (MoE routing and bias steps) asks ``in_backward()`` itself."""
-    return not torch.compiler.is_compiling() and in_backward()
-
-
-def by_forward(records: list, layers: int | None = None) -> list[list]:
-    """Per-call records (``None`` marks the start of a forward) grouped per forward, in call order, each cut to its
-    first ``layers`` records when given (what follows them are replays of compiled code in backward)."""
+def by_forward(records: list) -> list[list]:
+    """Per-call records (``None`` marks the start of a forward) grouped per forward, in call order."""
     groups: list[list] = []
     for record in records:
         if record is None or not groups:
             groups.append([])
         if record is not None:
             groups[-1].append(record)
-    return groups if layers is None else [group[:layers] for group in groups]
+    return groups
 
 
 class StreamCapture:
     """Detached ``H_res`` of every hyper-connection, grouped per forward in depth order, and the diversity of the
     stream states the last block reduces (``None`` before any).
 
-    Recording only appends tensors (and ``None`` at each forward's start) to lists and never reads them, so a
-    compiled model records inside its graphs without specialising them on how much was recorded; the groups and the
-    diversity metric are assembled when read."""
+    Recording only appends tensors (and ``None`` at each forward's start) to lists, and no torchmetrics object is
+    built in the forward, so compiled code records without more graph breaks than the replay check's; the groups and
+    the diversity metric are assembled when read."""
 
-    def __init__(self, layers: int | None = None) -> None:
-        self.layers = layers
+    def __init__(self) -> None:
         self.records: list[Tensor | None] = []
         self.diversity_sums: list[tuple[Tensor, Tensor]] = []
 
     @property
     def forwards(self) -> list[list[Tensor]]:
-        """``H_res`` per forward, in depth order (at most ``layers`` per forward)."""
-        return by_forward(self.records, self.layers)
+        """``H_res`` per forward, in depth order."""
+        return by_forward(self.records)
 
     @property
     def diversity(self) -> StreamDiversity | None:
@@ -65,11 +55,11 @@ class StreamCapture:
         return metric
 
     def begin_forward(self) -> None:
-        if not replaying():
+        if not in_backward():
             self.records.append(None)
 
     def add_h_res(self, h_res: Tensor) -> None:
-        if not replaying():
+        if not in_backward():
             self.records.append(h_res.detach())
 
     def add_forward(self, h_res: list[Tensor]) -> None:
@@ -77,6 +67,5 @@ class StreamCapture:
         self.records += [None, *h_res]
 
     def add_final_streams(self, streams: Tensor) -> None:
-        # a compiled replay adds the same statistics again, which leaves the mean distance unchanged
-        if not replaying():
+        if not in_backward():
             self.diversity_sums.append(diversity_sums(streams))

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_mhc.capture import StreamCapture, by_forward, replaying
+from lightning_mhc.capture import StreamCapture, by_forward, in_backward
 
 ON_NONFINITE = ("raise", "skip", "warn")
 
@@ -44,13 +44,12 @@ class FiniteWatch:
 
     def __init__(self) -> None:
         self.inner: StreamCapture | None = None
-        self.layers: int | None = None
         self.records: list[Tensor | None] = []  # per call: its H_res sum; None starts a forward (never read here)
 
     @property
     def layer_sums(self) -> list[Tensor]:
         sums: list[Tensor] = []
-        for forward in by_forward(self.records, self.layers):
+        for forward in by_forward(self.records):
             for layer, total in enumerate(forward):
                 if layer < len(sums):
                     sums[layer] = sums[layer] + total
@@ -59,13 +58,13 @@ class FiniteWatch:
         return sums
 
     def begin_forward(self) -> None:
-        if not replaying():
+        if not in_backward():
             self.records.append(None)
         if self.inner is not None:
             self.inner.begin_forward()
 
     def add_h_res(self, h_res: Tensor) -> None:
-        if not replaying():
+        if not in_backward():
             self.records.append(h_res.detach().sum(dtype=torch.float32))
         if self.inner is not None:
             self.inner.add_h_res(h_res)
@@ -108,7 +107,6 @@ class NonFiniteGuard:
         itself; loss and ``H_res`` are still checked."""
         self.layer_names = layer_names
         self.check_gradients = check_gradients
-        self.watch.layers = len(layer_names) or None
         self.watch.reset()
         self._loss_sum = None
         return bool(layer_names)

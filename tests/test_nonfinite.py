@@ -182,18 +182,3 @@ def test_bad_arguments_are_refused_at_construction(kwargs, field, allowed):
     with pytest.raises(ValueError, match=rf"^MHCCallback\({re.escape(field)} is not allowed; pass {allowed}\.$"):
         MHCCallback(streams=4, **kwargs)
 
-
-def test_records_after_a_forwards_layers_are_replays_and_do_not_count():
-    # compiled code replayed by a checkpoint outside it records again, after its forward's records
-    from lightning_mhc.capture import StreamCapture
-    from lightning_mhc.nonfinite import FiniteWatch
-
-    h = [torch.full((3, 2, 2), float(i)) for i in range(5)]
-    capture, watch = StreamCapture(layers=2), FiniteWatch()
-    watch.layers, watch.inner = 2, capture
-    for forward in ([h[0], h[1], h[2]], [h[3], h[4]]):  # h[2]: a replay of the first forward's last layer
-        watch.begin_forward()
-        for h_res in forward:
-            watch.add_h_res(h_res)
-    assert [[float(t[0, 0, 0]) for t in forward] for forward in capture.forwards] == [[0.0, 1.0], [3.0, 4.0]]
-    assert [float(total) for total in watch.layer_sums] == [(0.0 + 3.0) * 12, (1.0 + 4.0) * 12]
