@@ -71,8 +71,7 @@ def carried_streams(hidden: Tensor, block_name: str) -> Tensor | None:
         aliased = True
     if carried is None:
         return None
-    version = tensor_version(hidden)
-    if -1 not in (version, carried.version) and version != carried.version:  # -1: unknown, as while compiling
+    if tensor_version(hidden) != carried.version:
         raise RuntimeError(
             f"The hidden state reaching {block_name} was modified in place after the previous injected block "
             "returned it, so it no longer matches the mHC stream state. Replace the in-place operation between "

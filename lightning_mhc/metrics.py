@@ -173,20 +173,6 @@ class SinkhornError(Metric):
         return {"row": self.row, "col": self.col, "max": torch.maximum(self.row, self.col)}
 
 
-def diversity_sums(streams: Tensor) -> tuple[Tensor, Tensor]:
-    """``StreamDiversity``'s statistics of a stream state ``(..., n, C)`` as plain tensors (traceable inside a
-    compiled forward): the sum over tokens of each token's mean pairwise cosine distance, and the token count."""
-    n, c = streams.shape[-2:]
-    x = at_least_fp32(streams.detach()).reshape(-1, n, c)
-    tokens = torch.full((), x.shape[0], dtype=torch.long, device=x.device)
-    if n == 1:
-        return x.new_zeros(()), tokens
-    u = F.normalize(x, dim=-1)
-    i, j = torch.triu_indices(n, n, offset=1, device=x.device)
-    cos = (u @ u.mT)[:, i, j]
-    return (1 - cos).mean(-1).sum(), tokens
-
-
 class StreamDiversity(Metric):
     """Mean pairwise cosine distance ``1 - cos(x_i, x_j)`` between the ``n`` streams of each token.
 
@@ -211,9 +197,14 @@ class StreamDiversity(Metric):
         if not isinstance(streams, Tensor) or streams.ndim < 2:
             shape = tuple(streams.shape) if isinstance(streams, Tensor) else type(streams).__name__
             raise ValueError(f"StreamDiversity.update expects streams of shape (..., n, C); got {shape}.")
-        distance_sum, tokens = diversity_sums(streams)
-        self.distance_sum += distance_sum.to(self.distance_sum.dtype)
-        self.tokens += tokens
+        n, c = streams.shape[-2:]
+        x = at_least_fp32(streams.detach()).reshape(-1, n, c)
+        if n > 1:
+            u = F.normalize(x, dim=-1)
+            i, j = torch.triu_indices(n, n, offset=1, device=x.device)
+            cos = (u @ u.mT)[:, i, j]
+            self.distance_sum += (1 - cos).mean(-1).sum().to(self.distance_sum.dtype)
+        self.tokens += x.shape[0]
 
     def compute(self) -> Tensor:
         """Token-averaged pairwise cosine distance in ``[0, 2]`` (NaN before any token)."""

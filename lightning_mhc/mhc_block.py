@@ -229,8 +229,7 @@ class MHCBlock(nn.Module):
             chain = RecomputeChain(self.recompute_layers)
             if not self.first:
                 chain = RecomputeChain.take(streams, chain)
-        # the index only matters to a recompute chain; reading it otherwise makes a compiled block specialise on it
-        steps = _Steps(self.hyper, self.first_sublayer if chain is not None else 0, chain)
+        steps = _Steps(self.hyper, self.first_sublayer, chain)
         with nullcontext() if chain is None else chain.hooks(), _own_checkpointing_off(self.block) as block:
             if self.granularity == "block":
                 streams, out_hidden, rebuild = self._forward_whole(block, streams, with_hidden, steps)

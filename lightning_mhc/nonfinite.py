@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_mhc.capture import StreamCapture, by_forward, in_backward
+from lightning_mhc.capture import StreamCapture, in_backward
 
 ON_NONFINITE = ("raise", "skip", "warn")
 
@@ -44,28 +44,23 @@ class FiniteWatch:
 
     def __init__(self) -> None:
         self.inner: StreamCapture | None = None
-        self.records: list[Tensor | None] = []  # per call: its H_res sum; None starts a forward (never read here)
-
-    @property
-    def layer_sums(self) -> list[Tensor]:
-        sums: list[Tensor] = []
-        for forward in by_forward(self.records):
-            for layer, total in enumerate(forward):
-                if layer < len(sums):
-                    sums[layer] = sums[layer] + total
-                else:
-                    sums.append(total)
-        return sums
+        self.layer_sums: list[Tensor] = []
+        self._layer = 0
 
     def begin_forward(self) -> None:
         if not in_backward():
-            self.records.append(None)
+            self._layer = 0
         if self.inner is not None:
             self.inner.begin_forward()
 
     def add_h_res(self, h_res: Tensor) -> None:
         if not in_backward():
-            self.records.append(h_res.detach().sum(dtype=torch.float32))
+            total = h_res.detach().sum(dtype=torch.float32)
+            if self._layer < len(self.layer_sums):
+                self.layer_sums[self._layer] = self.layer_sums[self._layer] + total
+            else:
+                self.layer_sums.append(total)
+            self._layer += 1
         if self.inner is not None:
             self.inner.add_h_res(h_res)
 
@@ -74,7 +69,8 @@ class FiniteWatch:
             self.inner.add_final_streams(streams)
 
     def reset(self) -> None:
-        self.records = []
+        self.layer_sums = []
+        self._layer = 0
 
 
 class NonFiniteGuard:

@@ -181,4 +181,3 @@ def test_manual_optimization(on_nonfinite):
 def test_bad_arguments_are_refused_at_construction(kwargs, field, allowed):
     with pytest.raises(ValueError, match=rf"^MHCCallback\({re.escape(field)} is not allowed; pass {allowed}\.$"):
         MHCCallback(streams=4, **kwargs)
-

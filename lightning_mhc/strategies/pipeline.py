@@ -426,10 +426,12 @@ class MHCPipelineStrategy(DDPStrategy):
         by_stage: dict[int, Any] = {s: parts for rank_parts in gathered for s, parts in rank_parts.items()}
         device = self.root_device
         for m in range(self._microbatches):
-            capture.add_forward([h.to(device) for s in range(self.num_stages) for h in by_stage[s][m][0]])
+            capture.forwards.append([h.to(device) for s in range(self.num_stages) for h in by_stage[s][m][0]])
             diversity = by_stage[self.num_stages - 1][m][1]
             if diversity is not None:
-                capture.diversity_sums.append((diversity["distance_sum"].to(device), diversity["tokens"].to(device)))
+                if capture.diversity is None:
+                    capture.diversity = StreamDiversity().to(device)
+                capture.diversity.merge_state({k: v.to(device) for k, v in diversity.items()})
 
     # ------------------------------------------------------------------------------------------ weights and state
     def sync_full_model(self) -> None:
